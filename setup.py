@@ -1,0 +1,27 @@
+"""Installs coyo_vit: the library (coyo_vit), the tf.data input pipeline and the checkpoint tools."""
+from setuptools import find_packages, setup
+
+setup(
+    name="coyo_vit",
+    version="0.1.0",
+    description="Pretrain, fine-tune, import/export and evaluate Vision Transformers on COYO-Labeled-300M with JAX/Flax.",
+    python_requires=">=3.10",
+    packages=find_packages(include=["coyo_vit", "coyo_vit.*", "input_pipeline", "input_pipeline.*",
+                                    "checkpoints", "checkpoints.*", "configs"]),
+    package_data={"coyo_vit": ["data/*.tsv", "data/*.json"]},
+    install_requires=[
+        # jax: lower bound for jax.make_array_from_process_local_data and the shardings API;
+        # no upper bound so GPU/TPU hosts can install the jax[cuda12|cuda13|tpu] they need.
+        "jax>=0.4.35",
+        "flax>=0.10.0",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11.0",
+        "tensorflow-cpu>=2.16",
+        "tensorflow-datasets>=4.9.6",
+        "ml-collections>=0.1.1",
+        "clu>=0.0.12",
+        "tensorboard>=2.16",
+        "numpy>=1.26",
+    ],
+    extras_require={"test": ["pytest>=8", "pyarrow>=14"]},
+)
