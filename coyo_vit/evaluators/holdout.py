@@ -1,0 +1,47 @@
+"""Loss and prec@1 on the holdout split that training never sees."""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import ml_collections
+from flax import linen as nn
+from jax.sharding import Mesh
+
+from coyo_vit import sharding
+from coyo_vit.device_prefetch import to_global
+from coyo_vit.train_step import make_eval_step
+
+
+class HoldoutEvaluator:
+    """One pass over the holdout with `config.input.pp_eval`; metrics named `holdout/...`.
+
+    Every process reads its share of the holdout; padded examples (`_mask` False) are not
+    counted, so the result does not depend on how the holdout divides into batches.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn, config: ml_collections.ConfigDict,
+                 params_shardings: Any, mesh: Mesh, prefix: str = "holdout"):
+        self._config, self._prefix = config, prefix
+        self._local_batch = sharding.check_batch_size(config.eval_batch_size, mesh, jax.process_count())
+        self._batch_sharding = sharding.batch_sharding(mesh)
+        self._step = make_eval_step(model, loss_fn, params_shardings, self._batch_sharding)
+
+    def evaluate(self, params: Any) -> dict[str, float]:
+        import input_pipeline.pipeline as pipeline  # TensorFlow only where data is read
+
+        data = pipeline.build_eval_dataset(
+            self._config.input, split="holdout", batch_size=self._local_batch,
+            process_index=jax.process_index(), process_count=jax.process_count())
+        totals: dict[str, jax.Array] | None = None
+        for local in data.as_numpy_iterator():
+            sums = self._step(params, to_global({k: local[k] for k in ("image", "labels", "_mask")},
+                                                self._batch_sharding))
+            totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
+        if totals is None:
+            raise ValueError("The holdout is empty: set config.input.holdout.files or .examples.")
+        totals = {k: float(v) for k, v in jax.device_get(totals).items()}
+        count = max(totals["count"], 1.0)
+        return {f"{self._prefix}/loss": totals["loss"] / count,
+                f"{self._prefix}/prec@1": totals["prec@1"] / count,
+                f"{self._prefix}/examples": totals["count"]}

@@ -1,0 +1,126 @@
+"""Device mesh, logical-axis rules and the shardings of parameters, optimizer state and batches.
+
+The model names every parameter and activation dimension with a logical axis ("embed", "mlp",
+"heads", ...). A config maps logical axes to the mesh's named axes ("data", "fsdp", "model"), so
+the same code is data-parallel on one host and FSDP / tensor-parallel on a pod by config alone.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+from flax import linen as nn
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "model")
+BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over both: FSDP is data parallel too
+
+# Pure data parallelism with optional FSDP of the large weight dimensions and tensor parallelism of
+# heads / MLP hidden units. Axes of size 1 make a rule a no-op, so this default is safe on 1 CPU.
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", BATCH_AXES),
+    ("embed", "fsdp"),
+    ("mlp", "model"),
+    ("heads", "model"),
+    ("kv", None),
+    ("length", None),
+    ("classes", None),
+    ("rep", None),
+    ("layers", None),
+    ("patch", None),
+    ("channels", None),
+)
+
+
+def make_mesh(axis_sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """Builds a mesh with axes ("data", "fsdp", "model"); one size may be -1 (= the rest)."""
+    unknown = set(axis_sizes) - set(MESH_AXES)
+    if unknown:
+        raise ValueError(f"Unknown mesh axes {sorted(unknown)}; valid axes are {list(MESH_AXES)}.")
+    devices = list(devices if devices is not None else jax.devices())
+    sizes = [int(axis_sizes.get(name, 1)) for name in MESH_AXES]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"At most one mesh axis may be -1, got {dict(zip(MESH_AXES, sizes))}.")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"Mesh {dict(zip(MESH_AXES, sizes))}: {len(devices)} devices are not "
+                             f"divisible by the fixed axes' product {known}.")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) != len(devices):
+        raise ValueError(f"Mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
+                         f"but {len(devices)} are available.")
+    # mesh_utils orders devices so that neighbouring mesh positions are close on the interconnect.
+    try:
+        grid = jax.experimental.mesh_utils.create_device_mesh(sizes, devices=devices)
+    except (ValueError, NotImplementedError, AssertionError):
+        grid = np.asarray(devices).reshape(sizes)
+    return Mesh(grid, MESH_AXES)
+
+
+def rules_from_config(rules: Sequence[Sequence[Any]] | None) -> tuple[tuple[str, Any], ...]:
+    """Config rules are [logical, mesh_axis | [mesh_axes] | None] pairs; None means the defaults."""
+    if rules is None:
+        return DEFAULT_RULES
+    out = []
+    for rule in rules:
+        if len(rule) != 2:
+            raise ValueError(f"A sharding rule must be [logical_axis, mesh_axes], got {rule!r}.")
+        logical, target = rule
+        targets = (target,) if isinstance(target, str) else tuple(target or ())
+        bad = [t for t in targets if t not in MESH_AXES]
+        if bad:
+            raise ValueError(f"Rule {rule!r} names mesh axes {bad}; valid axes are {list(MESH_AXES)}.")
+        out.append((logical, target if isinstance(target, str) or target is None else tuple(target)))
+    return tuple(out)
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) dimension split over the data-parallel axes, the rest replicated."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def check_batch_size(global_batch: int, mesh: Mesh, process_count: int) -> int:
+    """Returns the per-process batch; errors name both numbers when the split is uneven."""
+    dp = data_parallel_size(mesh)
+    if global_batch % dp:
+        raise ValueError(f"Batch size {global_batch} is not divisible by the {dp} data-parallel "
+                         f"devices (mesh {dict(mesh.shape)}).")
+    if global_batch % process_count:
+        raise ValueError(f"Batch size {global_batch} is not divisible by the {process_count} processes.")
+    return global_batch // process_count
+
+
+def param_shardings(boxed_abstract_params: Any, mesh: Mesh, rules) -> Any:
+    """Mesh shardings of the (unboxed) params from their logical-axis boxes."""
+    specs = nn.get_partition_spec(boxed_abstract_params)
+    return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def opt_state_shardings(tx: optax.GradientTransformation, abstract_opt_state: Any,
+                        params_shardings: Any, mesh: Mesh) -> Any:
+    """Optimizer moments follow their parameter's sharding; counters and scalars are replicated."""
+    return optax.tree_map_params(
+        tx, lambda _, sharding: sharding, abstract_opt_state, params_shardings,
+        transform_non_params=lambda _: replicated(mesh), is_leaf=lambda x: isinstance(x, NamedSharding))
+
+
+def bytes_per_device(tree: Any) -> int:
+    """Bytes one device holds of a tree of (possibly sharded) arrays or ShapeDtypeStructs."""
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        shape = leaf.sharding.shard_shape(leaf.shape) if getattr(leaf, "sharding", None) else leaf.shape
+        total += math.prod(shape) * np.dtype(leaf.dtype).itemsize
+    return total

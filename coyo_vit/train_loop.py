@@ -1,0 +1,163 @@
+"""The training loop shared by train.py (pretraining) and fine-tuning: one straight line.
+
+Order of events: processes and mesh -> model, optimizer and the state's shardings -> restore the
+latest checkpoint of the workdir or initialise -> the data stream from the restored position ->
+steps, with periodic logging, holdout evaluation and asynchronous checkpoints.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from flax import linen as nn
+from jax.experimental import multihost_utils
+
+from checkpoints.orbax_io import TrainCheckpointer
+from coyo_vit import losses, optimizer, sharding
+from coyo_vit.device_prefetch import DevicePrefetcher
+from coyo_vit.evaluators.holdout import HoldoutEvaluator
+from coyo_vit.metric_logging import MetricLogger, Progress, format_eta
+from coyo_vit.models import Model, count_params
+from coyo_vit.train_step import TrainState, init_state, make_train_step, state_shardings
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+    """Trains (or resumes training) per `config` in `workdir`; returns the final state."""
+    # Imported here so that the model, step and checkpoint code never need TensorFlow.
+    import input_pipeline.pipeline as pipeline
+    from input_pipeline import demo_data
+
+    process_index, process_count = jax.process_index(), jax.process_count()
+    is_main = process_index == 0
+    os.makedirs(workdir, exist_ok=True)
+    if config.get("demo_data") is not None:
+        data_dir = config.demo_data.out_dir or os.path.join(workdir, "demo_data")
+        if is_main:
+            demo_data.ensure_demo_shards(data_dir, num_images=config.demo_data.num_images,
+                                         image_size=config.demo_data.image_size)
+        multihost_utils.sync_global_devices("demo_data_written")
+        with config.unlocked():
+            config.input.data.files = data_dir
+    if is_main:
+        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+            f.write(config.to_json_best_effort(indent=2))
+
+    # Devices, mesh and batch split. Errors here name the numbers that do not divide.
+    mesh = sharding.make_mesh(config.mesh)
+    rules = sharding.rules_from_config(config.get("sharding_rules"))
+    local_batch = sharding.check_batch_size(config.batch_size, mesh, process_count)
+    accum = config.get("grad_accum_steps", 1)
+    if config.batch_size % (accum * sharding.data_parallel_size(mesh)):
+        raise ValueError(f"Batch size {config.batch_size} is not divisible by grad_accum_steps={accum} "
+                         f"x {sharding.data_parallel_size(mesh)} data-parallel devices.")
+    logging.info("Process %d/%d, %d local of %d devices, mesh %s", process_index, process_count,
+                 jax.local_device_count(), jax.device_count(), dict(mesh.shape))
+
+    # Model, optimizer and where every piece of the state lives.
+    model = Model(num_classes=config.num_classes, **config.model)
+    image_shape = (config.image_size, config.image_size, 3)
+    schedule = optimizer.make_schedule(config.schedule, config.total_steps)
+    tx = optimizer.make_optimizer(config.optimizer, schedule)
+    loss_fn = losses.get_loss(config.loss)
+    with nn.logical_axis_rules(rules):
+        abstract, shardings = state_shardings(model, tx, image_shape, mesh, rules)
+    logging.info("Model: %s parameters; %.1f MiB of params + optimizer state per device",
+                 f"{count_params(abstract.params):,}", sharding.bytes_per_device(abstract) / 2**20)
+
+    # Resume from the workdir's latest checkpoint (no flag needed) or start fresh.
+    checkpointer = TrainCheckpointer(workdir, max_to_keep=config.keep_checkpoints)
+    latest = checkpointer.latest_step()
+    if latest is None:
+        state = init_state(model, tx, image_shape, config.seed, shardings)
+        position, skipped = 0, 0
+    else:
+        restored, meta = checkpointer.restore(latest, abstract.as_checkpoint())
+        state = TrainState.from_checkpoint(restored)
+        if len(meta["data_positions"]) != process_count:
+            raise ValueError(f"Checkpoint step {latest} was written by {len(meta['data_positions'])} "
+                             f"processes, this run has {process_count}: the data position cannot be mapped.")
+        position = int(meta["data_positions"][process_index])
+        skipped = int(meta.get("skipped_records", [0] * process_count)[process_index])
+        logging.info("Resumed from step %d (data position %d)", latest, position)
+    first_step = int(jax.device_get(state.step))
+
+    train_data = pipeline.build_train_dataset(
+        config.input, batch_size=local_batch, seed=config.seed, process_index=process_index,
+        process_count=process_count, start_position=position)
+    batches = DevicePrefetcher(train_data.as_numpy_iterator(), sharding.batch_sharding(mesh),
+                               depth=config.get("device_prefetch", 2))
+    train_step = make_train_step(model, tx, loss_fn, shardings, sharding.batch_sharding(mesh),
+                                 schedule, grad_accum_steps=accum)
+    holdout = HoldoutEvaluator(model, loss_fn, config, shardings.params, mesh)
+    logger = MetricLogger(workdir, is_main=is_main, resume_step=first_step)
+    progress = Progress(first_step, config.total_steps, config.batch_size)
+    pending: list[dict[str, jax.Array]] = []  # device metrics since the last log: no per-step host sync
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        for step in range(first_step + 1, config.total_steps + 1):
+            batch, host = next(batches)
+            state, step_metrics = train_step(state, batch)
+            pending.append(step_metrics)
+            consumed = int(host["_index"].max()) + 1
+            skipped += consumed - position - local_batch  # records dropped by the pipeline (bad images)
+            position = consumed
+
+            if step % config.log_every_steps == 0 or step == config.total_steps:
+                scalars = {k: float(np.mean(v)) for k, v in
+                           jax.tree.map(lambda *xs: np.stack(xs), *jax.device_get(pending)).items()}
+                pending.clear()
+                if not np.isfinite(scalars["train/loss"]):
+                    checkpointer.close()
+                    raise FloatingPointError(f"Non-finite training loss {scalars['train/loss']} at step "
+                                             f"{step}; the last good checkpoint is kept in {workdir}.")
+                rate = progress.report(step)
+                scalars.update({"train/images_per_sec": rate["images_per_sec"],
+                                "train/steps_per_sec": rate["steps_per_sec"],
+                                "data/skipped_records": _sum_over_processes(skipped)})
+                logger.write(step, scalars)
+                if is_main:
+                    logging.info("step %d/%d  loss %.4f  lr %.3g  %.1f img/s  ETA %s  (skipped %d bad records)",
+                                 step, config.total_steps, scalars["train/loss"], scalars["train/lr"],
+                                 rate["images_per_sec"], format_eta(rate["eta_seconds"]),
+                                 scalars["data/skipped_records"])
+
+            if config.eval_every_steps and (step % config.eval_every_steps == 0 or step == config.total_steps):
+                started = time.perf_counter()
+                results = holdout.evaluate(state.params)
+                logger.write(step, results)
+                if is_main:
+                    logging.info("step %d holdout: %s (%.1fs)", step,
+                                 json.dumps({k: round(v, 4) for k, v in results.items()}),
+                                 time.perf_counter() - started)
+
+            if step % config.checkpoint_every_steps == 0 or step == config.total_steps:
+                meta = {"model": _model_kwargs(config), "step": step,
+                        "data_positions": _gather_ints(position), "skipped_records": _gather_ints(skipped)}
+                checkpointer.save(step, state.as_checkpoint(), meta)
+
+    batches.close()
+    checkpointer.close()
+    logger.close()
+    return state
+
+
+def _gather_ints(value: int) -> list[int]:
+    """The value of every process, in process order (all processes call this together)."""
+    return [int(v) for v in np.asarray(multihost_utils.process_allgather(np.int64(value))).reshape(-1)]
+
+
+def _sum_over_processes(value: int) -> int:
+    return sum(_gather_ints(value)) if jax.process_count() > 1 else int(value)
+
+
+def _model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Model description stored with each checkpoint so it loads without the config."""
+    kwargs = {"num_classes": config.num_classes, **config.model.to_dict()}
+    kwargs["dtype"] = str(kwargs.get("dtype", "float32"))
+    return kwargs

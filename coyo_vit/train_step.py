@@ -1,0 +1,127 @@
+"""Train state, its sharded initialisation, and the jit-compiled train and eval steps.
+
+Nothing here imports TensorFlow: GPU/TPU benchmarks and tests run these on synthetic arrays.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from flax import linen as nn
+from jax.sharding import Mesh, NamedSharding
+
+from coyo_vit import metrics as metrics_lib
+from coyo_vit import sharding as sharding_lib
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    rng: jax.Array  # raw uint32[2] key data: checkpoints as a plain array
+
+    def as_checkpoint(self) -> dict[str, Any]:
+        return {"step": self.step, "params": self.params, "opt_state": self.opt_state, "rng": self.rng}
+
+    @classmethod
+    def from_checkpoint(cls, tree: dict[str, Any]) -> "TrainState":
+        return cls(step=tree["step"], params=tree["params"], opt_state=tree["opt_state"], rng=tree["rng"])
+
+
+def _unboxed(model: nn.Module, rng: jax.Array, images: jax.Array) -> Any:
+    return nn.meta.unbox(model.init(rng, images, train=False)["params"])
+
+
+def state_shardings(model: nn.Module, tx: optax.GradientTransformation, image_shape: tuple[int, ...],
+                    mesh: Mesh, rules) -> tuple[TrainState, TrainState]:
+    """(abstract state, its shardings): shapes without allocating, placements from logical axes."""
+    images = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+    boxed = jax.eval_shape(lambda r: model.init(r, images, train=False)["params"], jax.random.PRNGKey(0))
+    p_shardings = sharding_lib.param_shardings(boxed, mesh, rules)
+    abstract_params = nn.meta.unbox(boxed)
+    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    o_shardings = sharding_lib.opt_state_shardings(tx, abstract_opt, p_shardings, mesh)
+    rep = sharding_lib.replicated(mesh)
+    abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params,
+                          opt_state=abstract_opt, rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
+    shardings = TrainState(step=rep, params=p_shardings, opt_state=o_shardings, rng=rep)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            abstract, shardings)
+    return abstract, shardings
+
+
+def init_state(model: nn.Module, tx: optax.GradientTransformation, image_shape: tuple[int, ...],
+               seed: int, shardings: TrainState, params: Any | None = None) -> TrainState:
+    """Initialises (or adopts `params`) directly into the target shardings: no host-side copy."""
+    def init(rng):
+        init_rng, state_rng = jax.random.split(rng)
+        p = params if params is not None else _unboxed(model, init_rng, jnp.zeros((1, *image_shape)))
+        return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p),
+                          rng=jax.random.bits(state_rng, (2,), jnp.uint32))
+    return jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(seed))
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
+                    loss_fn: Callable[[jax.Array, jax.Array], jax.Array],
+                    shardings: TrainState, batch_sharding: NamedSharding,
+                    schedule: optax.Schedule, grad_accum_steps: int = 1) -> Callable:
+    """Returns step(state, batch) -> (state, metrics); `state` is donated.
+
+    With gradient accumulation the global batch is split into `grad_accum_steps` micro-batches
+    whose gradients are averaged inside one compiled step, so one step is one global batch.
+    """
+    def loss_and_metrics(params, images, labels, rng):
+        logits = model.apply({"params": params}, images, train=True, rngs={"dropout": rng})
+        loss = loss_fn(logits, labels).mean()
+        return loss, metrics_lib.precision_at_1(logits, labels).mean()
+
+    grad_fn = jax.value_and_grad(loss_and_metrics, has_aux=True)
+
+    def step(state: TrainState, batch: dict[str, jax.Array]):
+        rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng, impl="threefry2x32"), state.step)
+        images, labels = batch["image"], batch["labels"]
+        if grad_accum_steps == 1:
+            (loss, prec1), grads = grad_fn(state.params, images, labels, rng)
+        else:
+            def split(x):  # micro-batch i takes every grad_accum_steps-th example: stays spread over devices
+                x = x.reshape(x.shape[0] // grad_accum_steps, grad_accum_steps, *x.shape[1:])
+                return jnp.swapaxes(x, 0, 1)
+
+            def accumulate(carry, micro):
+                i_images, i_labels, i = micro
+                (l, p), g = grad_fn(state.params, i_images, i_labels, jax.random.fold_in(rng, i))
+                return jax.tree.map(jnp.add, carry, (l, p, g)), None
+
+            zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, state.params))
+            (loss, prec1, grads), _ = jax.lax.scan(
+                accumulate, zeros, (split(images), split(labels), jnp.arange(grad_accum_steps)))
+            loss, prec1, grads = jax.tree.map(lambda x: x / grad_accum_steps, (loss, prec1, grads))
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        metrics = {"train/loss": loss, "train/prec@1": prec1, "train/lr": schedule(state.step),
+                   "train/grad_norm": optax.global_norm(grads), "train/param_norm": optax.global_norm(params)}
+        return new_state, metrics
+
+    rep = sharding_lib.replicated(batch_sharding.mesh)
+    return jax.jit(step, in_shardings=(shardings, batch_sharding), out_shardings=(shardings, rep),
+                   donate_argnums=(0,))
+
+
+def make_eval_step(model: nn.Module, loss_fn: Callable[[jax.Array, jax.Array], jax.Array],
+                   params_shardings: Any, batch_sharding: NamedSharding) -> Callable:
+    """Returns eval(params, batch) -> sums of loss, prec@1 and example count over the real (masked) examples."""
+    def step(params, batch):
+        logits = model.apply({"params": params}, batch["image"], train=False)
+        mask = batch["_mask"].astype(jnp.float32)
+        return {"loss": (loss_fn(logits, batch["labels"]) * mask).sum(),
+                "prec@1": (metrics_lib.precision_at_1(logits, batch["labels"]) * mask).sum(),
+                "count": mask.sum()}
+
+    rep = sharding_lib.replicated(batch_sharding.mesh)
+    return jax.jit(step, in_shardings=(params_shardings, batch_sharding), out_shardings=rep)
