@@ -14,6 +14,7 @@ import jax
 import numpy as np
 import optax
 from flax import linen as nn
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "model")
@@ -31,7 +32,8 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("classes", None),
     ("rep", None),
     ("layers", None),
-    ("patch", None),
+    ("patch_h", None),
+    ("patch_w", None),
     ("channels", None),
 )
 
@@ -56,7 +58,7 @@ def make_mesh(axis_sizes: Mapping[str, int], devices: Sequence[jax.Device] | Non
                          f"but {len(devices)} are available.")
     # mesh_utils orders devices so that neighbouring mesh positions are close on the interconnect.
     try:
-        grid = jax.experimental.mesh_utils.create_device_mesh(sizes, devices=devices)
+        grid = mesh_utils.create_device_mesh(sizes, devices=devices)
     except (ValueError, NotImplementedError, AssertionError):
         grid = np.asarray(devices).reshape(sizes)
     return Mesh(grid, MESH_AXES)

@@ -41,7 +41,7 @@ def state_shardings(model: nn.Module, tx: optax.GradientTransformation, image_sh
                     mesh: Mesh, rules) -> tuple[TrainState, TrainState]:
     """(abstract state, its shardings): shapes without allocating, placements from logical axes."""
     images = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
-    boxed = jax.eval_shape(lambda r: model.init(r, images, train=False)["params"], jax.random.PRNGKey(0))
+    boxed = jax.eval_shape(lambda r, x: model.init(r, x, train=False)["params"], jax.random.PRNGKey(0), images)
     p_shardings = sharding_lib.param_shardings(boxed, mesh, rules)
     abstract_params = nn.meta.unbox(boxed)
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
@@ -105,7 +105,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
         params = optax.apply_updates(state.params, updates)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         metrics = {"train/loss": loss, "train/prec@1": prec1, "train/lr": schedule(state.step),
-                   "train/grad_norm": optax.global_norm(grads), "train/param_norm": optax.global_norm(params)}
+                   "train/grad_norm": optax.tree_utils.tree_l2_norm(grads), "train/param_norm": optax.tree_utils.tree_l2_norm(params)}
         return new_state, metrics
 
     rep = sharding_lib.replicated(batch_sharding.mesh)

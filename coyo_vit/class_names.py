@@ -1,0 +1,51 @@
+"""ImageNet class lists shipped inside the package (coyo_vit/data/*.tsv).
+
+COYO-Labeled-300M labels index the 21,841 ImageNet-21k (fall 2011) synsets sorted by WordNet
+id; fine-tuned models use the 1,000 ImageNet-1k classes. The 1k table also maps each class to
+its 21k index (-1 where the synset is absent from the 21k list, e.g. teddy bear).
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import functools
+import io
+from importlib import resources
+
+IMAGENET21K = "imagenet21k"
+IMAGENET1K = "imagenet1k"
+_FILES = {IMAGENET21K: "imagenet21k_classes.tsv", IMAGENET1K: "imagenet1k_classes.tsv"}
+_SIZES = {21841: IMAGENET21K, 1000: IMAGENET1K}
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassList:
+    """One label space: WordNet ids and human-readable names, by class index."""
+
+    name: str
+    wnids: tuple[str, ...]
+    names: tuple[str, ...]
+    index21k: tuple[int, ...] | None = None  # Only for ImageNet-1k: each class's 21k index or -1.
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+@functools.cache
+def load_class_list(name: str) -> ClassList:
+    """Reads a shipped class table ("imagenet21k" or "imagenet1k")."""
+    if name not in _FILES:
+        raise ValueError(f"Unknown class list {name!r}; valid: {sorted(_FILES)}.")
+    text = resources.files("coyo_vit").joinpath("data", _FILES[name]).read_text(encoding="utf-8")
+    rows = list(csv.DictReader(io.StringIO(text), delimiter="\t"))
+    indices = [int(row["index"]) for row in rows]
+    if indices != list(range(len(rows))):
+        raise ValueError(f"{_FILES[name]} is damaged: class indices are not 0..{len(rows) - 1} in order.")
+    index21k = tuple(int(row["index21k"]) for row in rows) if "index21k" in rows[0] else None
+    return ClassList(name, tuple(row["wnid"] for row in rows), tuple(row["name"] for row in rows), index21k)
+
+
+def class_list_for(num_classes: int | None) -> ClassList | None:
+    """The shipped list matching a head size (21841 -> ImageNet-21k, 1000 -> 1k), else None."""
+    name = _SIZES.get(int(num_classes or 0))
+    return load_class_list(name) if name else None

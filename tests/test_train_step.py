@@ -1,0 +1,131 @@
+"""The jit-compiled train step, sharding set-up, optimizer and losses (no TensorFlow)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import linen as nn
+
+from coyo_vit import losses, optimizer, sharding
+from coyo_vit.models import Model
+from coyo_vit.train_step import init_state, make_train_step, state_shardings
+
+TINY = dict(patch_size=8, width=32, depth=2, mlp_dim=64, num_heads=4, pool_type="tok", rep_size=16,
+            head_bias_init=-10.0)
+OPT = dict(name="adamw", b1=0.9, b2=0.999, eps=1e-7, weight_decay=0.1, decay_pattern=r".*/kernel",
+           grad_clip_norm=1.0)
+SCHED = dict(base_lr=1e-3, end_lr=1e-5, warmup_steps=2, decay="linear")
+
+
+def _batch(n=8, classes=50, seed=0):
+    rng = np.random.default_rng(seed)
+    return {"image": rng.uniform(-1, 1, (n, 16, 16, 3)).astype(np.float32),
+            "labels": (rng.uniform(size=(n, classes)) > 0.9).astype(np.float32)}
+
+
+def _run_steps(devices, *, steps=3, accum=1, mesh_axes=None, model_kwargs=TINY):
+    model = Model(num_classes=50, **model_kwargs)
+    schedule = optimizer.make_schedule(SCHED, 10)
+    tx = optimizer.make_optimizer(OPT, schedule)
+    mesh = sharding.make_mesh(mesh_axes or {"data": -1}, devices)
+    rules = sharding.DEFAULT_RULES
+    with nn.logical_axis_rules(rules):
+        _, shardings = state_shardings(model, tx, (16, 16, 3), mesh, rules)
+    state = init_state(model, tx, (16, 16, 3), 0, shardings)
+    step = make_train_step(model, tx, losses.get_loss("sigmoid_xent"), shardings,
+                           sharding.batch_sharding(mesh), schedule, grad_accum_steps=accum)
+    history = []
+    with nn.logical_axis_rules(rules):
+        for i in range(steps):
+            batch = {k: jax.device_put(v, sharding.batch_sharding(mesh)) for k, v in _batch(seed=i).items()}
+            state, metrics = step(state, batch)
+            history.append(jax.device_get(metrics))
+    return jax.device_get(state), history
+
+
+def test_two_devices_equal_one_device():
+    assert jax.device_count() >= 2, "conftest should provide 2 host devices"
+    one, hist1 = _run_steps(jax.devices()[:1])
+    two, hist2 = _run_steps(jax.devices()[:2])
+    assert int(one.step) == int(two.step) == 3
+    for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(two.params)):
+        np.testing.assert_allclose(a, b, atol=2e-6, rtol=1e-5)
+    np.testing.assert_allclose([h["train/loss"] for h in hist1], [h["train/loss"] for h in hist2], rtol=1e-5)
+
+
+def test_fsdp_axis_shards_params_and_matches():
+    ref, _ = _run_steps(jax.devices()[:1], steps=2)
+    fsdp, _ = _run_steps(jax.devices()[:2], steps=2, mesh_axes={"data": 1, "fsdp": 2})
+    for a, b in zip(jax.tree.leaves(ref.params), jax.tree.leaves(fsdp.params)):
+        np.testing.assert_allclose(a, b, atol=2e-6, rtol=1e-5)
+
+
+def test_gradient_accumulation_equals_full_batch():
+    full, _ = _run_steps(jax.devices()[:1], steps=2, accum=1)
+    accum, _ = _run_steps(jax.devices()[:1], steps=2, accum=2)
+    for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(accum.params)):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_loss_falls_on_a_repeated_batch():
+    model = Model(num_classes=50, **TINY)
+    schedule = optimizer.make_schedule(dict(base_lr=1e-2, warmup_steps=0, decay="constant"), 30)
+    tx = optimizer.make_optimizer(OPT, schedule)
+    mesh = sharding.make_mesh({"data": -1}, jax.devices()[:1])
+    _, shardings = state_shardings(model, tx, (16, 16, 3), mesh, sharding.DEFAULT_RULES)
+    state = init_state(model, tx, (16, 16, 3), 0, shardings)
+    step = make_train_step(model, tx, losses.sigmoid_xent, shardings, sharding.batch_sharding(mesh), schedule)
+    batch = _batch()
+    first = None
+    for _ in range(30):
+        state, metrics = step(state, batch)
+        first = first if first is not None else float(metrics["train/loss"])
+    assert float(metrics["train/loss"]) < 0.7 * first
+
+
+def test_state_shardings_follow_logical_rules():
+    model = Model(num_classes=50, **TINY)
+    tx = optimizer.make_optimizer(OPT, optimizer.make_schedule(SCHED, 10))
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 2}, jax.devices()[:2])
+    abstract, shardings = state_shardings(model, tx, (16, 16, 3), mesh, sharding.DEFAULT_RULES)
+    q = shardings.params["Transformer"]["encoderblock_0"]["MultiHeadDotProductAttention_1"]["query"]["kernel"]
+    assert q.spec[0] == "fsdp"  # "embed" -> fsdp
+    mu = shardings.opt_state[1][0].mu["Transformer"]["encoderblock_0"]["MultiHeadDotProductAttention_1"]["query"]["kernel"]
+    assert mu.spec == q.spec  # Adam moments follow their parameter
+    assert sharding.bytes_per_device(abstract) < sharding.bytes_per_device(jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), abstract))
+
+
+def test_mesh_and_batch_errors_name_the_numbers():
+    mesh = sharding.make_mesh({"data": -1}, jax.devices()[:2])
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 1, "model": 1}
+    with pytest.raises(ValueError, match=r"Batch size 7 .* 2 data-parallel"):
+        sharding.check_batch_size(7, mesh, 1)
+    with pytest.raises(ValueError, match="needs 4 devices"):
+        sharding.make_mesh({"data": 4}, jax.devices()[:2])
+    with pytest.raises(ValueError, match="Unknown mesh axes"):
+        sharding.make_mesh({"tensor": 2})
+
+
+def test_schedule_shape_and_decay_mask():
+    schedule = optimizer.make_schedule(dict(base_lr=6e-4, end_lr=1e-5, warmup_steps=10, decay="linear"), 110)
+    assert float(schedule(0)) == 0.0
+    assert float(schedule(5)) == pytest.approx(3e-4)
+    assert float(schedule(10)) == pytest.approx(6e-4)
+    assert float(schedule(110)) == pytest.approx(1e-5)
+    mask = optimizer.decay_mask(r".*/kernel")({"head": {"kernel": 1, "bias": 2}, "cls": 3})
+    assert mask == {"head": {"kernel": True, "bias": False}, "cls": False}
+    with pytest.raises(ValueError, match=r"Unknown key\(s\) \['weight_decy'\]"):
+        optimizer.make_optimizer(dict(name="adamw", weight_decy=0.1), schedule)
+    with pytest.raises(ValueError, match="Unknown optimizer 'adam'"):
+        optimizer.make_optimizer(dict(name="adam"), schedule)
+
+
+def test_sigmoid_loss_is_summed_over_classes():
+    logits = jnp.zeros((2, 4))
+    targets = jnp.array([[1.0, 0, 0, 0], [0, 0, 0, 0]])
+    per_example = losses.sigmoid_xent(logits, targets)
+    np.testing.assert_allclose(per_example, [4 * np.log(2)] * 2, rtol=1e-6)
+    np.testing.assert_allclose(losses.softmax_xent(logits, jnp.eye(4)[:2]), [np.log(4)] * 2, rtol=1e-6)
+    with pytest.raises(ValueError, match="Unknown loss"):
+        losses.get_loss("focal")
