@@ -14,7 +14,7 @@ setup(
         # no upper bound so GPU/TPU hosts can install the jax[cuda12|cuda13|tpu] they need.
         "jax>=0.4.35",
         "flax>=0.10.0",
-        "optax>=0.2.4",
+        "optax>=0.2.5",
         "orbax-checkpoint>=0.11.0",
         "tensorflow-cpu>=2.16",
         "tensorflow-datasets>=4.9.6",

@@ -105,7 +105,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
         params = optax.apply_updates(state.params, updates)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         metrics = {"train/loss": loss, "train/prec@1": prec1, "train/lr": schedule(state.step),
-                   "train/grad_norm": optax.tree_utils.tree_l2_norm(grads), "train/param_norm": optax.tree_utils.tree_l2_norm(params)}
+                   "train/grad_norm": optax.tree_utils.tree_norm(grads), "train/param_norm": optax.tree_utils.tree_norm(params)}
         return new_state, metrics
 
     rep = sharding_lib.replicated(batch_sharding.mesh)
