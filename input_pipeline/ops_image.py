@@ -1,0 +1,268 @@
+"""Image preprocessing ops: decoding, crops, resizes, flips and value scaling.
+
+Images stay uint8 through crops and resizes (4x smaller than float in buffers); only
+`value_range` turns them into float32.
+
+Random ops are stateless: they read the example's `rng` seed (int [2], added by the pipeline from
+the example's position in the data stream) and fold in a constant of their own, so an example's
+augmentation depends on nothing but the seed, whatever the parallelism or the machine.
+"""
+from __future__ import annotations
+
+import zlib
+from typing import Sequence
+
+import tensorflow as tf
+
+from input_pipeline.registry import Features, OpFn, register
+
+# Inception-crop aspect ratios, as in the Inception/ViT recipes.
+_ASPECT_RATIO_RANGE = (3.0 / 4.0, 4.0 / 3.0)
+
+
+def decode_image(data: tf.Tensor) -> tf.Tensor:
+    """Decodes JPEG, PNG, GIF (first frame), BMP or WebP bytes to uint8 [H, W, 3].
+
+    img2dataset's skip_reencode keeps the original bytes, so a `jpg` field can hold any format.
+    """
+    image = tf.io.decode_image(data, channels=3, expand_animations=False)
+    image.set_shape([None, None, 3])
+    return image
+
+
+def op_seed(features: Features, op_name: str) -> tf.Tensor:
+    """This op's stateless seed: the example's `rng` with a per-op constant folded in."""
+    if "rng" not in features:
+        raise ValueError(f"pp op {op_name!r} is random and needs an 'rng' feature (a stateless seed, "
+                         f"int [2]) in the example; the training pipeline adds it. Features present: "
+                         f"{sorted(features)}")
+    constant = zlib.crc32(op_name.encode()) & 0x7FFFFFFF
+    return tf.random.experimental.stateless_fold_in(tf.cast(features["rng"], tf.int64), constant)
+
+
+def resize_uint8(image: tf.Tensor, size: tf.Tensor | Sequence[int], method: str = "bilinear",
+                 antialias: bool = False) -> tf.Tensor:
+    """Resizes and rounds back to the input dtype, keeping images compact until value_range."""
+    resized = tf.image.resize(image, size, method=method, antialias=antialias)
+    return tf.saturate_cast(tf.round(resized), image.dtype)
+
+
+def _sample_crop_window(image_shape: tf.Tensor, seed: tf.Tensor, area_min: float,
+                        area_max: float) -> tuple[tf.Tensor, tf.Tensor]:
+    """Samples an Inception-style crop (begin [y, x, 0], size [h, w, -1]) from the image shape."""
+    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        image_shape,
+        bounding_boxes=tf.constant([0.0, 0.0, 1.0, 1.0], shape=[1, 1, 4]),
+        seed=seed,
+        area_range=(area_min / 100.0, area_max / 100.0),
+        aspect_ratio_range=_ASPECT_RATIO_RANGE,
+        min_object_covered=0.0,
+        use_image_if_no_bounding_boxes=True)
+    return begin, size
+
+
+def _check_size(size: int | Sequence[int] | None, op_name: str, allow_none: bool = False
+                ) -> tuple[int, int] | None:
+    """Normalises an int or (h, w) size; the error names the op and what is valid."""
+    if size is None and allow_none:
+        return None
+    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+        return (size, size)
+    if (isinstance(size, (tuple, list)) and len(size) == 2
+            and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size)):
+        return (size[0], size[1])
+    valid = "a positive int or (height, width)" + (" or None" if allow_none else "")
+    raise ValueError(f"{op_name}: size must be {valid}, got {size!r}")
+
+
+def _check_area(area_min: float, area_max: float, op_name: str) -> None:
+    if not 0 < area_min <= area_max <= 100:
+        raise ValueError(f"{op_name}: need 0 < area_min <= area_max <= 100 (percent of the image), "
+                         f"got area_min={area_min!r}, area_max={area_max!r}")
+
+
+def _require(features: Features, key: str, op_name: str) -> tf.Tensor:
+    if key not in features:
+        raise ValueError(f"pp op {op_name!r} needs feature {key!r}; features present: "
+                         f"{sorted(features)}")
+    return features[key]
+
+
+def _bytes_key(features: Features, key: str | None) -> str:
+    """The feature holding encoded bytes: `key` if given, else `jpg` (img2dataset) or `image`."""
+    return key or ("jpg" if "jpg" in features else "image")
+
+
+@register("decode")
+def decode(key: str | None = None) -> OpFn:
+    """Decodes image bytes from `key` (default: `jpg`, else `image`) into `image` uint8 [H,W,3]."""
+
+    def fn(features: Features) -> Features:
+        source = _bytes_key(features, key)
+        data = _require(features, source, "decode")
+        if data.dtype != tf.string:
+            raise ValueError(f"decode: feature {source!r} must hold encoded image bytes (tf.string),"
+                             f" got {data.dtype.name}; is it decoded already?")
+        features.pop(source)
+        features["image"] = decode_image(data)
+        return features
+
+    return fn
+
+
+@register("decode_jpeg_and_inception_crop")
+def decode_jpeg_and_inception_crop(size: int | Sequence[int], area_min: float = 5,
+                                   area_max: float = 100, key: str | None = None) -> OpFn:
+    """Random Inception crop resized to `size`, decoding only the crop window of JPEG bytes.
+
+    Decoding just the window is much cheaper on large images. Other formats are decoded whole and
+    cropped with the same window sampler, so the result does not depend on the path taken.
+    A truncated JPEG fails unless the window lies entirely in its intact rows (those pixels are
+    correct, so the crop is kept).
+    """
+    out_size = _check_size(size, "decode_jpeg_and_inception_crop")
+    _check_area(area_min, area_max, "decode_jpeg_and_inception_crop")
+
+    def fn(features: Features) -> Features:
+        source = _bytes_key(features, key)
+        data = _require(features, source, "decode_jpeg_and_inception_crop")
+        seed = op_seed(features, "decode_jpeg_and_inception_crop")
+
+        def crop_jpeg() -> tf.Tensor:
+            begin, crop = _sample_crop_window(tf.image.extract_jpeg_shape(data), seed, area_min,
+                                              area_max)
+            window = tf.stack([begin[0], begin[1], crop[0], crop[1]])
+            return tf.image.decode_and_crop_jpeg(data, window, channels=3)
+
+        def crop_decoded() -> tf.Tensor:
+            image = decode_image(data)
+            begin, crop = _sample_crop_window(tf.shape(image), seed, area_min, area_max)
+            return tf.slice(image, begin, crop)
+
+        image = tf.cond(tf.io.is_jpeg(data), crop_jpeg, crop_decoded)
+        image.set_shape([None, None, 3])
+        features.pop(source)
+        features["image"] = resize_uint8(image, out_size)
+        return features
+
+    return fn
+
+
+@register("inception_crop")
+def inception_crop(size: int | Sequence[int] | None = None, area_min: float = 5,
+                   area_max: float = 100, key: str = "image") -> OpFn:
+    """Random crop covering area_min..area_max percent, aspect 3/4..4/3; resized if size given."""
+    out_size = _check_size(size, "inception_crop", allow_none=True)
+    _check_area(area_min, area_max, "inception_crop")
+
+    def fn(features: Features) -> Features:
+        image = _require(features, key, "inception_crop")
+        begin, crop = _sample_crop_window(tf.shape(image), op_seed(features, "inception_crop"),
+                                          area_min, area_max)
+        cropped = tf.slice(image, begin, crop)
+        cropped.set_shape([None, None, image.shape[-1]])
+        features[key] = cropped if out_size is None else resize_uint8(cropped, out_size)
+        return features
+
+    return fn
+
+
+@register("resize")
+def resize(size: int | Sequence[int], method: str = "bilinear", antialias: bool = False,
+           key: str = "image") -> OpFn:
+    """Resizes to exactly `size` (int: square, or (height, width)), ignoring aspect ratio."""
+    out_size = _check_size(size, "resize")
+
+    def fn(features: Features) -> Features:
+        features[key] = resize_uint8(_require(features, key, "resize"), out_size, method, antialias)
+        return features
+
+    return fn
+
+
+@register("resize_small")
+def resize_small(size: int, method: str = "bilinear", antialias: bool = False,
+                 key: str = "image") -> OpFn:
+    """Resizes so the shorter side is `size`, keeping the aspect ratio (eval: 256 then crop)."""
+    if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+        raise ValueError(f"resize_small: size must be a positive int, got {size!r}")
+
+    def fn(features: Features) -> Features:
+        image = _require(features, key, "resize_small")
+        shape = tf.cast(tf.shape(image)[:2], tf.float64)
+        scale = size / tf.reduce_min(shape)
+        new_shape = tf.maximum(tf.cast(tf.round(shape * scale), tf.int32), size)
+        features[key] = resize_uint8(image, new_shape, method, antialias)
+        return features
+
+    return fn
+
+
+@register("central_crop")
+def central_crop(size: int | Sequence[int], key: str = "image") -> OpFn:
+    """Crops the central `size` (int: square, or (height, width)); the image must be big enough."""
+    crop_h, crop_w = _check_size(size, "central_crop")
+
+    def fn(features: Features) -> Features:
+        image = _require(features, key, "central_crop")
+        shape = tf.shape(image)
+        check = tf.debugging.assert_greater_equal(
+            shape[:2], tf.constant([crop_h, crop_w]),
+            message=f"central_crop({crop_h}, {crop_w}): image is smaller than the crop")
+        with tf.control_dependencies([check]):
+            top = (shape[0] - crop_h) // 2
+            left = (shape[1] - crop_w) // 2
+        cropped = tf.slice(image, tf.stack([top, left, 0]), [crop_h, crop_w, -1])
+        cropped.set_shape([crop_h, crop_w, image.shape[-1]])
+        features[key] = cropped
+        return features
+
+    return fn
+
+
+@register("flip_lr")
+def flip_lr(key: str = "image") -> OpFn:
+    """Flips left-right with probability 1/2."""
+
+    def fn(features: Features) -> Features:
+        image = _require(features, key, "flip_lr")
+        features[key] = tf.image.stateless_random_flip_left_right(image,
+                                                                  op_seed(features, "flip_lr"))
+        return features
+
+    return fn
+
+
+@register("value_range")
+def value_range(vmin: float, vmax: float, in_min: float = 0, in_max: float = 255,
+                clip_values: bool = False, key: str = "image") -> OpFn:
+    """Maps [in_min, in_max] linearly to [vmin, vmax] as float32; value_range(-1, 1) is the
+    recipe's (x - 127.5) / 127.5."""
+    if in_max == in_min:
+        raise ValueError(f"value_range: in_min and in_max must differ, both are {in_min!r}")
+
+    def fn(features: Features) -> Features:
+        image = tf.cast(_require(features, key, "value_range"), tf.float32)
+        image = (image - in_min) / (in_max - in_min) * (vmax - vmin) + vmin
+        if clip_values:
+            image = tf.clip_by_value(image, min(vmin, vmax), max(vmin, vmax))
+        features[key] = image
+        return features
+
+    return fn
+
+
+@register("keep")
+def keep(*keys: str) -> OpFn:
+    """Keeps only `keys`, plus the pipeline's bookkeeping (`rng` and keys starting with `_`, such
+    as `_keep`), so a trailing keep() cannot silently undo label filtering."""
+    if not keys or not all(isinstance(k, str) for k in keys):
+        raise ValueError(f"keep: give one or more feature names as strings, got {keys!r}")
+
+    def fn(features: Features) -> Features:
+        missing = [k for k in keys if k not in features]
+        if missing:
+            raise ValueError(f"keep: features {missing} do not exist; present: {sorted(features)}")
+        return {k: v for k, v in features.items() if k in keys or k == "rng" or k.startswith("_")}
+
+    return fn
