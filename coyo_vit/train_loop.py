@@ -31,7 +31,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     """Trains (or resumes training) per `config` in `workdir`; returns the final state."""
     # Imported here so that the model, step and checkpoint code never need TensorFlow.
     import input_pipeline.pipeline as pipeline
-    from input_pipeline import demo_data
+    from input_pipeline import demo_data, sources
 
     process_index, process_count = jax.process_index(), jax.process_count()
     is_main = process_index == 0
@@ -44,6 +44,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
         multihost_utils.sync_global_devices("demo_data_written")
         with config.unlocked():
             config.input.data.files = data_dir
+    # Fail fast on the data: a bad input section or a pattern that matches nothing stops here.
+    sources.list_files(pipeline.InputConfig.from_config(config.input).files)
     if is_main:
         with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
             f.write(config.to_json_best_effort(indent=2))

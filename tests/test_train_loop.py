@@ -1,0 +1,144 @@
+"""train.py end to end on real demo shards: resume after a kill, logs, TensorBoard, bad input."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from checkpoints.orbax_io import restore_params
+from input_pipeline.demo_data import ensure_demo_shards
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 16
+SMALL = [f"--config.total_steps={STEPS}", "--config.batch_size=16", "--config.log_every_steps=4",
+         "--config.eval_every_steps=8", "--config.checkpoint_every_steps=4",
+         "--config.schedule.warmup_steps=2", "--config.eval_batch_size=64",
+         "--config.input.shuffle_buffer=256"]
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory) -> str:
+    out = tmp_path_factory.mktemp("demo_data")
+    ensure_demo_shards(str(out), num_images=1024)
+    return str(out)
+
+
+def _train_cmd(workdir, demo_dir, *extra):
+    return [sys.executable, str(REPO / "train.py"), "--config", str(REPO / "configs/demo.py"),
+            "--workdir", str(workdir), f"--config.demo_data.out_dir={demo_dir}",
+            "--config.demo_data.num_images=1024", *SMALL, *extra]
+
+
+def _run(cmd, timeout=300):
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def _finished_steps(workdir: Path) -> list[int]:
+    ckpt = workdir / "checkpoints"
+    return sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) if ckpt.exists() else []
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, demo_dir) -> Path:
+    workdir = tmp_path_factory.mktemp("reference")
+    result = _run(_train_cmd(workdir, demo_dir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir
+
+
+def test_resume_after_kill_equals_uninterrupted_run(tmp_path, demo_dir, reference_run):
+    workdir = tmp_path / "interrupted"
+    proc = subprocess.Popen(_train_cmd(workdir, demo_dir), cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not any(4 <= s < STEPS for s in _finished_steps(workdir)):
+        assert proc.poll() is None, "training ended before it could be interrupted"
+        assert time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = max(_finished_steps(workdir))
+    assert killed_at < STEPS
+
+    result = _run(_train_cmd(workdir, demo_dir))  # same command: resumes with no flag
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"Resumed from step {killed_at}" in result.stderr
+
+    resumed, resumed_kwargs = restore_params(str(workdir))
+    reference, reference_kwargs = restore_params(str(reference_run))
+    assert resumed_kwargs == reference_kwargs
+    assert _finished_steps(workdir)[-1] == _finished_steps(reference_run)[-1] == STEPS
+    flat_a = jax_leaves(resumed)
+    flat_b = jax_leaves(reference)
+    assert len(flat_a) == len(flat_b)
+    for a, b in zip(flat_a, flat_b):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+
+    # metrics.jsonl reads as one run: each train step logged once, in order.
+    steps = [json.loads(line)["step"] for line in open(workdir / "metrics.jsonl")
+             if "train/loss" in line]
+    assert steps == list(range(4, STEPS + 1, 4))
+
+
+def jax_leaves(tree):
+    import jax
+    return jax.tree.leaves(tree)
+
+
+def test_metrics_jsonl_and_tensorboard_events(reference_run):
+    records = [json.loads(line) for line in open(reference_run / "metrics.jsonl")]
+    train = [r for r in records if "train/loss" in r]
+    holdout = [r for r in records if "holdout/prec@1" in r]
+    assert [r["step"] for r in train] == [4, 8, 12, 16]
+    assert [r["step"] for r in holdout] == [8, 16]
+    for r in train:
+        for key in ("train/lr", "train/images_per_sec", "train/prec@1", "data/skipped_records"):
+            assert key in r
+    assert train[-1]["train/loss"] < train[0]["train/loss"]
+
+    from tensorboard.backend.event_processing import event_accumulator
+    events = event_accumulator.EventAccumulator(str(reference_run / "tensorboard"),
+                                                size_guidance={event_accumulator.TENSORS: 0})
+    events.Reload()
+    tags = set(events.Tags()["tensors"])
+    assert {"train/loss", "train/lr", "holdout/prec@1", "holdout/loss"} <= tags
+    from tensorflow import make_ndarray
+    logged = {e.step: float(make_ndarray(e.tensor_proto)) for e in events.Tensors("train/loss")}
+    assert logged == pytest.approx({r["step"]: r["train/loss"] for r in train}, rel=1e-6)
+    prec = {e.step: float(make_ndarray(e.tensor_proto)) for e in events.Tensors("holdout/prec@1")}
+    assert prec == pytest.approx({r["step"]: r["holdout/prec@1"] for r in holdout}, rel=1e-6)
+
+
+def test_checkpoint_meta_counts_skipped_records(reference_run):
+    meta = json.load(open(reference_run / "checkpoints" / str(STEPS) / "meta" / "metadata"))
+    consumed = meta["data_positions"][0]
+    assert consumed >= STEPS * 16
+    assert meta["skipped_records"][0] == consumed - STEPS * 16
+    last = [json.loads(line) for line in open(reference_run / "metrics.jsonl") if "train/loss" in line][-1]
+    assert last["data/skipped_records"] == meta["skipped_records"][0]
+
+
+def test_unknown_config_key_fails(tmp_path, demo_dir):
+    result = _run(_train_cmd(tmp_path / "w", demo_dir, "--config.no_such_key=1"))
+    assert result.returncode != 0
+    assert "no_such_key" in result.stderr
+
+
+def test_pattern_matching_nothing_names_it(tmp_path):
+    pattern = str(tmp_path / "missing" / "shard-*.tfrecord")
+    cmd = [sys.executable, str(REPO / "train.py"), "--config",
+           f"{REPO / 'configs/coyo_pretrain.py'}:variant=Ti/16,files={pattern}", "--workdir", str(tmp_path / "w")]
+    result = _run(cmd)
+    assert result.returncode != 0
+    assert pattern in result.stderr
+
+
+def test_batch_not_divisible_by_devices_names_both_numbers(tmp_path, demo_dir):
+    result = _run(_train_cmd(tmp_path / "w", demo_dir, "--config.batch_size=15"),)
+    assert result.returncode != 0
+    assert "Batch size 15 is not divisible by the 2 data-parallel devices" in result.stderr
