@@ -10,6 +10,9 @@ overridden with --config.key=value; unknown keys are an error.
 from __future__ import annotations
 
 import logging
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # before anything imports TensorFlow
 
 from absl import app, flags
 from ml_collections import config_flags

@@ -23,5 +23,11 @@ def initialize() -> None:
     elif "SLURM_JOB_ID" in os.environ or "TPU_WORKER_HOSTNAMES" in os.environ:
         jax.distributed.initialize()
     logging.getLogger().setLevel(logging.INFO)
+    logging.getLogger("absl").addFilter(_quiet_orbax_info)
     logging.info("JAX %s: process %d of %d, devices %s", jax.__version__, jax.process_index(),
                  jax.process_count(), jax.devices())
+
+
+def _quiet_orbax_info(record: logging.LogRecord) -> bool:
+    """Orbax narrates every checkpoint step at INFO; keep its warnings, drop the chatter."""
+    return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
