@@ -91,9 +91,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from checkpoints import load  # Lazy: the library must not depend on the checkpoint tools.
 
     overrides = {} if args.num_heads is None else {"num_heads": args.num_heads}
-    params, model_kwargs = load(args.checkpoint, variant=args.variant, **overrides)
-    size = native_image_size(params, model_kwargs)
-    images = np.stack([load_image(path, size) for path in args.images])
+    try:
+        params, model_kwargs = load(args.checkpoint, variant=args.variant, **overrides)
+        size = native_image_size(params, model_kwargs)
+        images = np.stack([load_image(path, size) for path in args.images])
+    except (OSError, ValueError) as err:  # Missing/unreadable files, bad checkpoints.
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     for path, preds in zip(args.images, predict(params, model_kwargs, images, args.top_k)):
         print(path)
         for rank, pred in enumerate(preds, 1):

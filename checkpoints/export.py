@@ -1,0 +1,62 @@
+"""Exports our parameter tree as a flat .npz that vit_jax, big_vision, timm and HF can read.
+
+timm's and Hugging Face's ViT converters read the vit_jax layout; big_vision reads its own
+(and, through its fix-ups, vit_jax's). Files are written to a temporary name in the target
+directory and renamed into place, so a crash never leaves a half-written checkpoint.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax.linen import meta
+
+from checkpoints.adapt import unstack_blocks
+from checkpoints.npz_layouts import LAYOUTS, POSEMB_KEY, VIT_JAX, flatten_tree, ours_to_npz
+
+log = logging.getLogger(__name__)
+
+
+def export_npz(params: Mapping[str, Any], path: str | Path, layout: str = VIT_JAX) -> Path:
+    """Writes `params` (our tree, boxed or not, loop or scan) to `path` in `layout`.
+
+    vit_jax files always get per-layer blocks (that is all vit_jax and timm understand);
+    big_vision files keep the tree's loop or scan layout.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"Unknown .npz layout {layout!r}; valid layouts: {list(LAYOUTS)}.")
+    flat = flatten_tree(jax.device_get(meta.unbox(dict(params))))
+    if layout == VIT_JAX:
+        if any(k.startswith("MAPHead_0/") for k in flat):
+            raise ValueError("vit_jax layout has no MAP head (pool_type='map'); export with layout='big_vision'.")
+        if POSEMB_KEY not in flat:
+            raise ValueError("vit_jax layout needs a learned position embedding and this model uses "
+                             "posemb='sincos2d'; export with layout='big_vision'.")
+        flat = unstack_blocks(flat)
+    arrays = ours_to_npz(flat, layout)
+    path = Path(path)
+    write_npz_atomically(arrays, path)
+    log.info("Exported %d arrays to %s (%s layout).", len(arrays), path, layout)
+    return path
+
+
+def write_npz_atomically(arrays: Mapping[str, np.ndarray], path: Path) -> None:
+    """np.savez to a temp file beside `path`, fsync, then rename over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            np.savez(handle, **arrays)  # Converts each value as it writes it.
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+        raise
