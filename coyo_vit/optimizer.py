@@ -60,7 +60,7 @@ def _key_name(key) -> str:
 def make_optimizer(cfg: Mapping[str, Any], schedule: optax.Schedule) -> optax.GradientTransformation:
     """Clipping, then the optimizer, with weight decay only where `decay_pattern` matches."""
     name = cfg.get("name", "adamw")
-    common = ("name", "grad_clip_norm", "weight_decay", "decay_pattern")
+    common = ("name", "grad_clip_norm", "weight_decay", "decay_pattern", "skip_nonfinite")
     allowed = {"adamw": common + ("b1", "b2", "eps"), "sgd": common + ("momentum", "nesterov")}
     if name not in allowed:
         raise ValueError(f"Unknown optimizer {name!r}; valid: {list(OPTIMIZERS)}.")
@@ -78,4 +78,8 @@ def make_optimizer(cfg: Mapping[str, Any], schedule: optax.Schedule) -> optax.Gr
             parts.append(optax.add_decayed_weights(wd, mask=decay_mask(cfg.get("decay_pattern", r".*/kernel"))))
         parts.append(optax.sgd(schedule, momentum=cfg.get("momentum", 0.9) or None,
                                nesterov=bool(cfg.get("nesterov", False))))
-    return optax.chain(*parts)
+    tx = optax.chain(*parts)
+    if cfg.get("skip_nonfinite", False):
+        # Drop an update whose gradients hold inf/nan (the step still counts); give up after 10 in a row.
+        tx = optax.apply_if_finite(tx, max_consecutive_errors=10)
+    return tx

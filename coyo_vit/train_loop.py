@@ -24,6 +24,7 @@ from coyo_vit.device_prefetch import DevicePrefetcher
 from coyo_vit.evaluators.holdout import HoldoutEvaluator
 from coyo_vit.metric_logging import MetricLogger, Progress, format_eta
 from coyo_vit.models import Model, count_params
+from coyo_vit.preemption import PreemptionWatcher
 from coyo_vit.train_step import TrainState, init_state, make_train_step, state_shardings
 
 
@@ -100,6 +101,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     logger = MetricLogger(workdir, is_main=is_main, resume_step=first_step)
     progress = Progress(first_step, config.total_steps, config.batch_size)
     pending: list[dict[str, jax.Array]] = []  # device metrics since the last log: no per-step host sync
+    preemption = PreemptionWatcher()
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         for step in range(first_step + 1, config.total_steps + 1):
@@ -110,14 +112,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
             skipped += consumed - position - local_batch  # records dropped by the pipeline (bad images)
             position = consumed
 
-            if step % config.log_every_steps == 0 or step == config.total_steps:
-                scalars = {k: float(np.mean(v)) for k, v in
-                           jax.tree.map(lambda *xs: np.stack(xs), *jax.device_get(pending)).items()}
+            stop = preemption.should_stop(step)
+            save = stop or step % config.checkpoint_every_steps == 0 or step == config.total_steps
+            log_now = step % config.log_every_steps == 0 or step == config.total_steps
+            if save or log_now:
+                host_metrics = jax.device_get(pending)
+                if not config.optimizer.get("skip_nonfinite", False):
+                    # Never checkpoint (nor go on from) parameters past a non-finite loss.
+                    _check_finite(host_metrics, step - len(pending) + 1, checkpointer, workdir)
+            if log_now:
+                scalars = {k: float(np.nanmean(v)) for k, v in
+                           jax.tree.map(lambda *xs: np.stack(xs), *host_metrics).items()}
                 pending.clear()
-                if not np.isfinite(scalars["train/loss"]):
-                    checkpointer.close()
-                    raise FloatingPointError(f"Non-finite training loss {scalars['train/loss']} at step "
-                                             f"{step}; the last good checkpoint is kept in {workdir}.")
                 rate = progress.report(step)
                 scalars.update({"train/images_per_sec": rate["images_per_sec"],
                                 "train/steps_per_sec": rate["steps_per_sec"],
@@ -138,15 +144,32 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
                                  json.dumps({k: round(v, 4) for k, v in results.items()}),
                                  time.perf_counter() - started)
 
-            if step % config.checkpoint_every_steps == 0 or step == config.total_steps:
+            if save:
                 meta = {"model": _model_kwargs(config), "step": step,
                         "data_positions": _gather_ints(position), "skipped_records": _gather_ints(skipped)}
                 checkpointer.save(step, state.as_checkpoint(), meta)
+            if stop:
+                logging.warning("Preempted: checkpoint of step %d written; exiting.", step)
+                break
 
+    preemption.close()
     batches.close()
     checkpointer.close()
     logger.close()
     return state
+
+
+def _check_finite(step_metrics: list[dict[str, Any]], first_step: int, checkpointer: TrainCheckpointer,
+                  workdir: str) -> None:
+    """Stops the run at the first non-finite loss, naming its step; earlier checkpoints stay."""
+    for offset, metrics in enumerate(step_metrics):
+        loss = float(metrics["train/loss"])
+        if not np.isfinite(loss):
+            checkpointer.close()
+            raise FloatingPointError(
+                f"Non-finite training loss ({loss}) at step {first_step + offset}. The last good "
+                f"checkpoint in {workdir} is kept; lower the learning rate or set "
+                f"config.optimizer.skip_nonfinite=True to skip such updates.")
 
 
 def _gather_ints(value: int) -> list[int]:

@@ -142,3 +142,36 @@ def test_batch_not_divisible_by_devices_names_both_numbers(tmp_path, demo_dir):
     result = _run(_train_cmd(tmp_path / "w", demo_dir, "--config.batch_size=15"),)
     assert result.returncode != 0
     assert "Batch size 15 is not divisible by the 2 data-parallel devices" in result.stderr
+
+
+def test_sigterm_checkpoints_current_step_and_resume_finishes(tmp_path, demo_dir, reference_run):
+    workdir = tmp_path / "preempted"
+    proc = subprocess.Popen(_train_cmd(workdir, demo_dir), cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not _finished_steps(workdir):
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "Preempted: checkpoint of step" in stderr
+    stopped_at = int(stderr.split("Preempted: checkpoint of step ")[1].split()[0])
+    assert _finished_steps(workdir)[-1] == stopped_at < STEPS
+
+    result = _run(_train_cmd(workdir, demo_dir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"Resumed from step {stopped_at}" in result.stderr
+    for a, b in zip(jax_leaves(restore_params(str(workdir))[0]),
+                    jax_leaves(restore_params(str(reference_run))[0])):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+
+
+def test_nonfinite_loss_stops_naming_the_step_and_keeps_good_checkpoints(tmp_path, demo_dir):
+    workdir = tmp_path / "diverged"
+    result = _run(_train_cmd(workdir, demo_dir, "--config.schedule.base_lr=1e30",
+                             "--config.optimizer.grad_clip_norm=0"))
+    assert result.returncode != 0
+    assert "Non-finite training loss" in result.stderr
+    bad_step = int(result.stderr.split(") at step ")[1].split(".")[0])
+    assert all(s < bad_step for s in _finished_steps(workdir))

@@ -126,6 +126,46 @@ class MlpBlock(nn.Module):
         return nn.Dropout(rate=self.dropout)(x, deterministic)
 
 
+class SplitHeadsDense(nn.Module):
+    """[..., D] -> [..., H, D/H] projection with a [D, H, D/H] kernel (query/key/value).
+
+    Written out rather than using nn.DenseGeneral: DenseGeneral calls the initializer on a
+    flattened 2-D kernel, and a 3-name logical box on a 2-D value fails as soon as a global
+    mesh is set (`jax.set_mesh`). Here the initializer sees the real shape; its fans are
+    computed over the grouped axes, so the distribution is the one DenseGeneral would give.
+    """
+
+    num_heads: int
+    head_dim: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        kernel = self.param(
+            "kernel", _boxed(nn.initializers.xavier_uniform(in_axis=0, out_axis=(1, 2)), ("embed", "heads", "kv")),
+            (x.shape[-1], self.num_heads, self.head_dim), jnp.float32)
+        bias = self.param("bias", _boxed(nn.initializers.zeros, ("heads", "kv")),
+                          (self.num_heads, self.head_dim), jnp.float32)
+        y = jnp.einsum("...d,dhk->...hk", x.astype(self.dtype), kernel.astype(self.dtype))
+        return y + bias.astype(self.dtype)
+
+
+class MergeHeadsDense(nn.Module):
+    """[..., H, D/H] -> [..., D] projection with a [H, D/H, D] kernel (the attention output)."""
+
+    features: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        kernel = self.param(
+            "kernel", _boxed(nn.initializers.xavier_uniform(in_axis=(0, 1), out_axis=2), ("heads", "kv", "embed")),
+            (x.shape[-2], x.shape[-1], self.features), jnp.float32)
+        bias = self.param("bias", _boxed(nn.initializers.zeros, ("embed",)), (self.features,), jnp.float32)
+        y = jnp.einsum("...hk,hkd->...d", x.astype(self.dtype), kernel.astype(self.dtype))
+        return y + bias.astype(self.dtype)
+
+
 class Attention(nn.Module):
     """Multi-head attention with flax's MultiHeadDotProductAttention parameter layout.
 
@@ -144,11 +184,7 @@ class Attention(nn.Module):
         head_dim = width // self.num_heads
 
         def project(name: str, x: Array) -> Array:
-            y = nn.DenseGeneral(
-                features=(self.num_heads, head_dim), axis=-1, dtype=self.dtype,
-                param_dtype=jnp.float32,
-                kernel_init=_boxed(nn.initializers.xavier_uniform(), ("embed", "heads", "kv")),
-                bias_init=_boxed(nn.initializers.zeros, ("heads", "kv")), name=name)(x)
+            y = SplitHeadsDense(self.num_heads, head_dim, dtype=self.dtype, name=name)(x)
             return _constrain(y, _HEADS)
 
         query = project("query", inputs_q)
@@ -156,10 +192,7 @@ class Attention(nn.Module):
         value = project("value", inputs_kv)
         out = jax.nn.dot_product_attention(query, key, value, implementation=self.implementation)
         out = _constrain(out, _HEADS)
-        out = nn.DenseGeneral(
-            features=width, axis=(-2, -1), dtype=self.dtype, param_dtype=jnp.float32,
-            kernel_init=_boxed(nn.initializers.xavier_uniform(), ("heads", "kv", "embed")),
-            bias_init=_boxed(nn.initializers.zeros, ("embed",)), name="out")(out)
+        out = MergeHeadsDense(width, dtype=self.dtype, name="out")(out)
         return _constrain(out, _TOKENS)
 
 
