@@ -35,7 +35,7 @@ def _run_steps(devices, *, steps=3, accum=1, mesh_axes=None, model_kwargs=TINY):
     step = make_train_step(model, tx, losses.get_loss("sigmoid_xent"), shardings,
                            sharding.batch_sharding(mesh), schedule, grad_accum_steps=accum)
     history = []
-    with nn.logical_axis_rules(rules):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         for i in range(steps):
             batch = {k: jax.device_put(v, sharding.batch_sharding(mesh)) for k, v in _batch(seed=i).items()}
             state, metrics = step(state, batch)
@@ -129,3 +129,10 @@ def test_sigmoid_loss_is_summed_over_classes():
     np.testing.assert_allclose(losses.softmax_xent(logits, jnp.eye(4)[:2]), [np.log(4)] * 2, rtol=1e-6)
     with pytest.raises(ValueError, match="Unknown loss"):
         losses.get_loss("focal")
+
+
+def test_tensor_parallel_model_axis_matches_unsharded():
+    ref, _ = _run_steps(jax.devices()[:1], steps=2)
+    tp, _ = _run_steps(jax.devices()[:2], steps=2, mesh_axes={"data": 1, "model": 2})
+    for a, b in zip(jax.tree.leaves(ref.params), jax.tree.leaves(tp.params)):
+        np.testing.assert_allclose(a, b, atol=2e-6, rtol=1e-5)

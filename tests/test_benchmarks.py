@@ -1,0 +1,117 @@
+"""Smoke tests of the benchmark suite: each entry point parses --help, a tiny configuration of
+each runs and writes valid JSON, and the analytic FLOP count matches the published convention.
+
+These check that the benchmarks work, never how fast anything is (no timed assertions).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks import flops
+
+MODULES = ("input_pipeline", "train_step", "accelerator", "end_to_end")
+
+
+def _load(path: Path) -> dict:
+    with open(path, encoding="utf-8") as f:
+        return json.loads(f.read(), parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+
+
+def test_forward_macs_of_vit_b16_at_224_is_17_56_g():
+    shape = flops.ViTShape.from_variant("B/16", image_size=224, num_classes=1000)
+    macs = flops.forward_macs_per_image(shape)
+    assert macs == 17_563_828_224
+    assert round(macs / 1e9, 2) == 17.56
+    assert flops.train_flops_per_image(shape) == 6 * macs
+
+
+def test_flop_formula_terms():
+    # 12*N*D^2 per layer is the convention's form of 4*N*D^2 + 2*N*D*mlp_dim at mlp_dim = 4*D.
+    shape = flops.ViTShape(depth=1, width=8, mlp_dim=32, patch_size=4, image_size=8, num_classes=3)
+    n, d = 5, 8
+    expected = 12 * n * d * d + 2 * n * n * d + 4 * 3 * 16 * d + d * 3
+    assert flops.forward_macs_per_image(shape) == expected
+    with_rep = flops.ViTShape(**{**shape.__dict__, "rep_size": 6})
+    assert flops.forward_macs_per_image(with_rep) == expected - d * 3 + d * 6 + 6 * 3
+
+
+@pytest.mark.parametrize("kind, platform, peak", [
+    ("NVIDIA H100 80GB HBM3", "gpu", 989e12), ("NVIDIA H200", "gpu", 989e12),
+    ("NVIDIA A100-SXM4-40GB", "gpu", 312e12), ("TPU v4", "tpu", 275e12),
+    ("TPU v5 lite", "tpu", 197e12), ("cpu", "cpu", None), ("Mystery chip", "gpu", None)])
+def test_peak_flops_table(kind, platform, peak):
+    assert flops.peak_flops(kind, platform)[1] == peak
+    assert flops.mfu(1e12, 1.0, peak, 1) == (None if peak is None else 1e12 / peak)
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_help(name, capsys):
+    module = __import__(f"benchmarks.{name}", fromlist=["main"])
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--help"])
+    assert exit_info.value.code == 0
+    assert f"python -m benchmarks.{name}" in capsys.readouterr().out
+
+
+def test_accelerator_runs_tiny_on_cpu(tmp_path):
+    from benchmarks import accelerator
+    out = tmp_path / "accelerator.json"
+    # --scan and a small head only keep the compilation short; the flags are the issue's.
+    accelerator.main(["--variant", "Ti/16", "--batch", "8", "--image_size", "32", "--steps", "2",
+                      "--warmup", "1", "--repeats", "1", "--num_classes", "10", "--rep_size", "0",
+                      "--scan", "--dtype", "float32", "--out", str(out)])
+    result = _load(out)["result"]
+    assert result["platform"] == "cpu" and result["mfu"] is None
+    assert result["images_per_s"] > 0 and result["compile_s"] > 0
+    assert result["model_flops_per_step"] == 8 * flops.train_flops_per_image(
+        flops.ViTShape.from_variant("Ti/16", 32, 10))
+
+
+def test_train_step_workers_run_in_fresh_processes_without_tensorflow(tmp_path):
+    from benchmarks import train_step
+    out = tmp_path / "train_step.json"
+    train_step.main(["--variants", "", "--ablate", "", "--compile_only_variants", "Ti/16",
+                     "--compile_batch", "2", "--image_size", "32", "--num_classes", "10",
+                     "--rep_size", "0", "--out", str(out)])
+    result = _load(out)
+    unrolled, scanned = result["results"]
+    for r in (unrolled, scanned):
+        assert "error" not in r, r
+        assert r["tensorflow_imported"] is False  # the test session has it: a fresh process
+        assert r["compile_s"] > 0 and r["peak_rss_bytes"] > 0
+    assert (unrolled["scan"], scanned["scan"]) == (False, True)
+    assert result["compile_scan_over_unrolled"]["Ti/16"] > 0
+
+
+def test_train_step_plan_isolates_ablations_and_compile_only_pairs():
+    from benchmarks import train_step
+    jobs = train_step.plan(train_step.parse_args(["--memory_batch", "32"]))
+    labels = [j.label for j in jobs]
+    assert len(labels) == len(set(labels))
+    assert "B/16 b8 f32 scan" in labels and "B/16 b8 bf16 unrolled" in labels
+    assert "B/16 b32 f32 unrolled remat=full" in labels
+    assert [j.config["scan"] for j in jobs if j.compile_only] == [False, True]
+
+
+def test_input_pipeline_runs_tiny_configuration(tmp_path):
+    from benchmarks import input_pipeline
+    out = tmp_path / "input_pipeline.json"
+    input_pipeline.main(["--repeat", "1", "--rounds", "1", "--batch", "16", "--image_size", "32",
+                         "--shuffle_buffer", "16", "--no-compare_full_decode", "--out", str(out)])
+    result = _load(out)
+    assert result["num_records"] == 145
+    assert set(result["records_per_s"]) == {"decode", "train", "eval"}
+    assert result["train_over_decode"] > 0
+
+
+def test_end_to_end_runs_tiny_configuration(tmp_path):
+    from benchmarks import end_to_end
+    out = tmp_path / "end_to_end.json"
+    end_to_end.main(["--steps", "4", "--log_every", "2", "--checkpoint_every", "2", "--batch", "8",
+                     "--num_images", "1024", "--bare_steps", "2", "--rounds", "1", "--out", str(out)])
+    result = _load(out)
+    assert result["loop_images_per_s"] > 0 and result["bare_images_per_s"] > 0
+    assert len(result["loop_runs"][0]["interval_rates"]) == 2
