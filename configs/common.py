@@ -31,3 +31,4 @@ def run_control(config: ml_collections.ConfigDict, *, log_every: int, eval_every
     config.device_prefetch = 2                    # global batches built ahead on the devices
     config.mesh = dict(data=-1, fsdp=1, model=1)  # -1 = all remaining devices
     config.sharding_rules = None                  # None = coyo_vit.sharding.DEFAULT_RULES
+    config.param_sharding = []                    # [regex, placement] overrides, see sharding.param_shardings

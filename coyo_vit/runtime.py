@@ -7,21 +7,32 @@ import os
 import jax
 
 
-def initialize() -> None:
-    """Joins the multi-process runtime when the environment describes one, and sets up logging.
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None) -> None:
+    """Joins the multi-process runtime when one is described, and sets up logging.
 
-    TPU pods and SLURM clusters are detected by `jax.distributed.initialize()` itself; a CPU or
-    explicit cluster passes COYO_VIT_COORDINATOR, COYO_VIT_NUM_PROCESSES and COYO_VIT_PROCESS_ID.
+    Sources, first match wins: explicit arguments (train.py flags); COYO_VIT_COORDINATOR,
+    COYO_VIT_NUM_PROCESSES and COYO_VIT_PROCESS_ID (set by coyo_vit.launch_local); SLURM jobs of
+    several tasks; COYO_VIT_DISTRIBUTED=auto (set by scripts/tpu_pod.sh), where
+    `jax.distributed.initialize()` finds the cluster itself. A plain single process initialises
+    nothing.
     """
-    coordinator = os.environ.get("COYO_VIT_COORDINATOR")
-    if coordinator:
+    coordinator_address = coordinator_address or os.environ.get("COYO_VIT_COORDINATOR")
+    if coordinator_address:
+        if num_processes is None:
+            num_processes = int(os.environ["COYO_VIT_NUM_PROCESSES"])
+        if process_id is None:
+            process_id = int(os.environ["COYO_VIT_PROCESS_ID"])
+        if not 0 <= process_id < num_processes:
+            raise ValueError(f"process_id {process_id} must be in [0, {num_processes}).")
         # CPU processes need a collectives backend for cross-process all-reduces (GPUs use NCCL).
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(coordinator_address=coordinator,
-                                   num_processes=int(os.environ["COYO_VIT_NUM_PROCESSES"]),
-                                   process_id=int(os.environ["COYO_VIT_PROCESS_ID"]))
-    elif "SLURM_JOB_ID" in os.environ or "TPU_WORKER_HOSTNAMES" in os.environ:
+        jax.distributed.initialize(coordinator_address=coordinator_address,
+                                   num_processes=num_processes, process_id=process_id)
+    elif "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
         jax.distributed.initialize()
+    elif os.environ.get("COYO_VIT_DISTRIBUTED") == "auto":
+        jax.distributed.initialize()  # TPU pod slices and other clusters JAX detects itself
     logging.getLogger().setLevel(logging.INFO)
     logging.getLogger("absl").addFilter(_quiet_orbax_info)
     logging.info("JAX %s: process %d of %d, devices %s", jax.__version__, jax.process_index(),

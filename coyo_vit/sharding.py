@@ -7,6 +7,7 @@ the same code is data-parallel on one host and FSDP / tensor-parallel on a pod b
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -105,10 +106,56 @@ def check_batch_size(global_batch: int, mesh: Mesh, process_count: int) -> int:
     return global_batch // process_count
 
 
-def param_shardings(boxed_abstract_params: Any, mesh: Mesh, rules) -> Any:
-    """Mesh shardings of the (unboxed) params from their logical-axis boxes."""
-    specs = nn.get_partition_spec(boxed_abstract_params)
-    return nn.logical_to_mesh_sharding(specs, mesh, rules)
+def param_shardings(boxed_abstract_params: Any, mesh: Mesh, rules,
+                    param_rules: Sequence[Sequence[Any]] = ()) -> Any:
+    """Mesh shardings of the (unboxed) params: logical-axis rules, then regex `param_rules`.
+
+    `param_rules` are [regex, placement] pairs matched against the '/'-joined parameter path
+    (first match wins; unmatched parameters keep their logical placement). A placement is
+    "logical", "replicated", "fsdp_auto" or "fsdp_auto:MIN_SIZE" (additionally shard the largest
+    dimension that is still unsharded and divisible by the fsdp axis, for parameters of at least
+    MIN_SIZE elements, default 2**14), or a list with one mesh axis (or None) per dimension.
+    """
+    logical = nn.logical_to_mesh(nn.get_partition_spec(boxed_abstract_params), rules)
+    abstract = nn.meta.unbox(boxed_abstract_params)
+    compiled = [(re.compile(pattern), placement) for pattern, placement in param_rules]
+
+    def place(path, leaf, spec):
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        placement = next((p for regex, p in compiled if regex.fullmatch(name)), "logical")
+        return NamedSharding(mesh, _placement_spec(placement, spec, leaf.shape, mesh, name))
+
+    return jax.tree_util.tree_map_with_path(place, abstract, logical)
+
+
+def _placement_spec(placement: Any, logical: PartitionSpec, shape: tuple[int, ...], mesh: Mesh,
+                    name: str) -> PartitionSpec:
+    if placement == "logical":
+        return logical
+    if placement == "replicated":
+        return PartitionSpec()
+    if isinstance(placement, str) and placement.split(":")[0] == "fsdp_auto":
+        min_size = int(placement.split(":")[1]) if ":" in placement else 2**14
+        return fsdp_auto_spec(logical, shape, mesh.shape["fsdp"], min_size)
+    if isinstance(placement, (list, tuple)) and len(placement) == len(shape):
+        bad = [a for a in placement if a is not None and a not in MESH_AXES]
+        if not bad:
+            return PartitionSpec(*placement)
+    raise ValueError(f"Bad placement {placement!r} for parameter {name} of shape {shape}: use "
+                     f"'logical', 'replicated', 'fsdp_auto[:MIN_SIZE]' or one of {list(MESH_AXES)} "
+                     f"or None per dimension.")
+
+
+def fsdp_auto_spec(spec: PartitionSpec, shape: tuple[int, ...], fsdp_size: int, min_size: int) -> PartitionSpec:
+    """Adds 'fsdp' on the largest still-unsharded dimension divisible by `fsdp_size`."""
+    entries = list(spec) + [None] * (len(shape) - len(spec))
+    used = {a for e in entries if e for a in ((e,) if isinstance(e, str) else e)}
+    if fsdp_size == 1 or "fsdp" in used or math.prod(shape) < min_size:
+        return PartitionSpec(*entries)
+    candidates = [d for d in range(len(shape)) if entries[d] is None and shape[d] % fsdp_size == 0]
+    if candidates:
+        entries[max(candidates, key=lambda d: shape[d])] = "fsdp"
+    return PartitionSpec(*entries)
 
 
 def opt_state_shardings(tx: optax.GradientTransformation, abstract_opt_state: Any,

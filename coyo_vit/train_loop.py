@@ -69,7 +69,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     tx = optimizer.make_optimizer(config.optimizer, schedule)
     loss_fn = losses.get_loss(config.loss)
     with nn.logical_axis_rules(rules):
-        abstract, shardings = state_shardings(model, tx, image_shape, mesh, rules)
+        abstract, shardings = state_shardings(model, tx, image_shape, mesh, rules,
+                                              config.get("param_sharding", ()))
     logging.info("Model: %s parameters; %.1f MiB of params + optimizer state per device",
                  f"{count_params(abstract.params):,}", sharding.bytes_per_device(abstract) / 2**20)
 

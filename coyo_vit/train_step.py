@@ -38,11 +38,11 @@ def _unboxed(model: nn.Module, rng: jax.Array, images: jax.Array) -> Any:
 
 
 def state_shardings(model: nn.Module, tx: optax.GradientTransformation, image_shape: tuple[int, ...],
-                    mesh: Mesh, rules) -> tuple[TrainState, TrainState]:
+                    mesh: Mesh, rules, param_rules=()) -> tuple[TrainState, TrainState]:
     """(abstract state, its shardings): shapes without allocating, placements from logical axes."""
     images = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
     boxed = jax.eval_shape(lambda r, x: model.init(r, x, train=False)["params"], jax.random.PRNGKey(0), images)
-    p_shardings = sharding_lib.param_shardings(boxed, mesh, rules)
+    p_shardings = sharding_lib.param_shardings(boxed, mesh, rules, param_rules)
     abstract_params = nn.meta.unbox(boxed)
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
     o_shardings = sharding_lib.opt_state_shardings(tx, abstract_opt, p_shardings, mesh)

@@ -136,3 +136,24 @@ def test_tensor_parallel_model_axis_matches_unsharded():
     tp, _ = _run_steps(jax.devices()[:2], steps=2, mesh_axes={"data": 1, "model": 2})
     for a, b in zip(jax.tree.leaves(ref.params), jax.tree.leaves(tp.params)):
         np.testing.assert_allclose(a, b, atol=2e-6, rtol=1e-5)
+
+
+def test_regex_param_rules_fsdp_auto_and_explicit_placements():
+    model = Model(num_classes=50, **TINY)
+    tx = optimizer.make_optimizer(OPT, optimizer.make_schedule(SCHED, 10))
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 2}, jax.devices()[:2])
+    rules = (("batch", sharding.BATCH_AXES),)  # logical rules place nothing on fsdp here
+    param_rules = [(r"head/kernel", ["fsdp", None]), (r"pre_logits/.*", "replicated"),
+                   (r".*", "fsdp_auto:1000")]
+    _, shardings = state_shardings(model, tx, (16, 16, 3), mesh, rules, param_rules)
+    p = shardings.params
+    assert p["head"]["kernel"].spec == jax.sharding.PartitionSpec("fsdp", None)
+    assert p["pre_logits"]["kernel"].spec == jax.sharding.PartitionSpec()
+    mlp = p["Transformer"]["encoderblock_0"]["MlpBlock_3"]["Dense_0"]["kernel"]  # (32, 64): largest dim
+    assert mlp.spec == jax.sharding.PartitionSpec(None, "fsdp")
+    bias = p["Transformer"]["encoderblock_0"]["MlpBlock_3"]["Dense_0"]["bias"]  # 64 < 1000: too small
+    assert "fsdp" not in tuple(bias.spec)
+    # Adam moments follow their parameter through optax.tree_map_params.
+    assert shardings.opt_state[1][0].mu["head"]["kernel"].spec == p["head"]["kernel"].spec
+    with pytest.raises(ValueError, match="Bad placement 'diagonal'"):
+        state_shardings(model, tx, (16, 16, 3), mesh, rules, [(".*", "diagonal")])
