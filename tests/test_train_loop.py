@@ -64,10 +64,16 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path, demo_dir, referenc
     proc.wait()
     killed_at = max(_finished_steps(workdir))
     assert killed_at < STEPS
+    # What a kill -9 in the middle of a later checkpoint write leaves behind: orbax's temporary
+    # directory, never renamed to its step. A restart must neither pick it up nor trip over it.
+    partial = workdir / "checkpoints" / f"{killed_at + 4}.orbax-checkpoint-tmp"
+    (partial / "state").mkdir(parents=True, exist_ok=True)
+    (partial / "state" / "half_written").write_bytes(b"\0" * 100)
 
     result = _run(_train_cmd(workdir, demo_dir))  # same command: resumes with no flag
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"Resumed from step {killed_at}" in result.stderr
+    assert not partial.exists()
 
     resumed, resumed_kwargs = restore_params(str(workdir))
     reference, reference_kwargs = restore_params(str(reference_run))
