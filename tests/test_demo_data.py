@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from input_pipeline import demo_data
+from input_pipeline import demo_data, demo_drawing
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 FIXTURE_SHARDS = SHARED / "fixtures" / "coyo_shards" / "shards"
@@ -22,7 +22,7 @@ CLASSES_TSV = SHARED / "data" / "imagenet21k_classes.tsv"
 # The main test set: 1000 images in shards of 256 -> 4 shards (the last one partial), 2 damaged.
 NUM_IMAGES = 1000
 PER_SHARD = 256
-CONCEPT_INDICES = {c.index for c in demo_data.DEMO_CONCEPTS}
+CONCEPT_INDICES = {c.index for c in demo_drawing.DEMO_CONCEPTS}
 
 
 def _features(record: bytes) -> dict[str, tf.train.Feature]:
@@ -125,9 +125,9 @@ def test_labels_and_probabilities_like_coyo_rows(records):
     for rec in records:
         labels = _value(rec["labels"])
         probs = np.array(_value(rec["label_probs"]))
-        assert len(labels) == len(probs) == demo_data.NUM_LABELS
+        assert len(labels) == len(probs) == demo_drawing.NUM_LABELS
         assert len(set(labels)) == len(labels)
-        assert all(0 <= label < demo_data.NUM_CLASSES for label in labels)
+        assert all(0 <= label < demo_drawing.NUM_CLASSES for label in labels)
         assert np.all(np.diff(probs) <= 0), probs
         kept = [label for label, p in zip(labels, probs) if p >= 0.1]
         assert 1 <= len(kept) <= 3
@@ -138,7 +138,7 @@ def test_labels_and_probabilities_like_coyo_rows(records):
 
 
 def test_concepts_are_balanced(records):
-    counts = {c.index: 0 for c in demo_data.DEMO_CONCEPTS}
+    counts = {c.index: 0 for c in demo_drawing.DEMO_CONCEPTS}
     for rec in records:
         for label, p in zip(_value(rec["labels"]), _value(rec["label_probs"])):
             if p >= 0.1:
@@ -150,8 +150,8 @@ def test_concepts_are_balanced(records):
 def test_concepts_are_real_imagenet21k_classes():
     rows = [line.split("\t") for line in CLASSES_TSV.read_text().splitlines()[1:]]
     by_index = {int(i): (wnid, name) for i, wnid, name in rows}
-    assert len(by_index) == demo_data.NUM_CLASSES
-    concepts = demo_data.DEMO_CONCEPTS
+    assert len(by_index) == demo_drawing.NUM_CLASSES
+    concepts = demo_drawing.DEMO_CONCEPTS
     assert 8 <= len(concepts) <= 10
     for c in concepts:
         assert by_index[c.index] == (c.wnid, c.name), c
@@ -235,7 +235,7 @@ def test_damaged_records_at_the_documented_rate(demo, records):
 
 def _colour_histograms(records) -> tuple[np.ndarray, np.ndarray]:
     """(4x4x4 RGB histogram per decodable image, concept presence at threshold 0.1)."""
-    column = {c.index: i for i, c in enumerate(demo_data.DEMO_CONCEPTS)}
+    column = {c.index: i for i, c in enumerate(demo_drawing.DEMO_CONCEPTS)}
     features, targets = [], []
     for rec in records:
         image = _decodes(_value(rec["jpg"])[0])
@@ -265,7 +265,7 @@ def _nearest_centroid_balanced_accuracy(x: np.ndarray, y: np.ndarray) -> float:
 
 def test_concepts_are_in_the_pixels(records):
     x, y = _colour_histograms(records)
-    for i, concept in enumerate(demo_data.DEMO_CONCEPTS):
+    for i, concept in enumerate(demo_drawing.DEMO_CONCEPTS):
         score = _nearest_centroid_balanced_accuracy(x, y[:, i])
         assert score > 0.85, (concept.drawing, score)
     # The same classifier is at chance when the labels do not belong to the pixels.
