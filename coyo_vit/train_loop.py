@@ -19,9 +19,10 @@ from flax import linen as nn
 from jax.experimental import multihost_utils
 
 from checkpoints.orbax_io import TrainCheckpointer
-from coyo_vit import losses, optimizer, sharding
+from coyo_vit import data_setup, losses, optimizer, sharding
 from coyo_vit.device_prefetch import DevicePrefetcher
 from coyo_vit.evaluators.holdout import HoldoutEvaluator
+from coyo_vit.evaluators.registry import build_evaluators, is_due
 from coyo_vit.metric_logging import MetricLogger, Progress, format_eta
 from coyo_vit.models import Model, count_params
 from coyo_vit.preemption import PreemptionWatcher
@@ -30,23 +31,10 @@ from coyo_vit.train_step import TrainState, init_state, make_train_step, state_s
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     """Trains (or resumes training) per `config` in `workdir`; returns the final state."""
-    # Imported here so that the model, step and checkpoint code never need TensorFlow.
-    import input_pipeline.pipeline as pipeline
-    from input_pipeline import demo_data, sources
-
     process_index, process_count = jax.process_index(), jax.process_count()
     is_main = process_index == 0
     os.makedirs(workdir, exist_ok=True)
-    if config.get("demo_data") is not None:
-        data_dir = config.demo_data.out_dir or os.path.join(workdir, "demo_data")
-        if is_main:
-            demo_data.ensure_demo_shards(data_dir, num_images=config.demo_data.num_images,
-                                         image_size=config.demo_data.image_size)
-        multihost_utils.sync_global_devices("demo_data_written")
-        with config.unlocked():
-            config.input.data.files = data_dir
-    # Fail fast on the data: a bad input section or a pattern that matches nothing stops here.
-    sources.list_files(pipeline.InputConfig.from_config(config.input).files)
+    data = data_setup.prepare_inputs(config, workdir)  # COYO shards or classification data
     if is_main:
         with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
             f.write(config.to_json_best_effort(indent=2))
@@ -70,7 +58,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     loss_fn = losses.get_loss(config.loss)
     with nn.logical_axis_rules(rules):
         abstract, shardings = state_shardings(model, tx, image_shape, mesh, rules,
-                                              config.get("param_sharding", ()))
+                                              config.get("param_sharding", ()),
+                                              ema=config.get("ema_decay") is not None)
     logging.info("Model: %s parameters; %.1f MiB of params + optimizer state per device",
                  f"{count_params(abstract.params):,}", sharding.bytes_per_device(abstract) / 2**20)
 
@@ -78,7 +67,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     checkpointer = TrainCheckpointer(workdir, max_to_keep=config.keep_checkpoints)
     latest = checkpointer.latest_step()
     if latest is None:
-        state = init_state(model, tx, image_shape, config.seed, shardings)
+        params = _init_params(config, model) if config.get("init") else None
+        state = init_state(model, tx, image_shape, config.seed, shardings, params)
         position, skipped = 0, 0
     else:
         restored, meta = checkpointer.restore(latest, abstract.as_checkpoint())
@@ -91,14 +81,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
         logging.info("Resumed from step %d (data position %d)", latest, position)
     first_step = int(jax.device_get(state.step))
 
-    train_data = pipeline.build_train_dataset(
+    train_data = data.build_train_dataset(
         config.input, batch_size=local_batch, seed=config.seed, process_index=process_index,
         process_count=process_count, start_position=position)
     batches = DevicePrefetcher(train_data.as_numpy_iterator(), sharding.batch_sharding(mesh),
                                depth=config.get("device_prefetch", 2))
     train_step = make_train_step(model, tx, loss_fn, shardings, sharding.batch_sharding(mesh),
-                                 schedule, grad_accum_steps=accum)
-    holdout = HoldoutEvaluator(model, loss_fn, config, shardings.params, mesh)
+                                 schedule, grad_accum_steps=accum, ema_decay=config.get("ema_decay"),
+                                 mixup_alpha=config.get("mixup_alpha", 0.0))
+    evaluators = build_evaluators(config.get("evals"), model=model, mesh=mesh,
+                                  params_shardings=shardings.params, loss_fn=loss_fn)
+    if config.get("eval_every_steps"):  # the COYO holdout, next to any configured evaluators
+        evaluators["holdout"] = HoldoutEvaluator(model, loss_fn, config, shardings.params, mesh)
     logger = MetricLogger(workdir, is_main=is_main, resume_step=first_step)
     progress = Progress(first_step, config.total_steps, config.batch_size)
     pending: list[dict[str, jax.Array]] = []  # device metrics since the last log: no per-step host sync
@@ -136,14 +130,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
                                  rate["images_per_sec"], format_eta(rate["eta_seconds"]),
                                  scalars["data/skipped_records"])
 
-            if config.eval_every_steps and (step % config.eval_every_steps == 0 or step == config.total_steps):
-                started = time.perf_counter()
-                results = holdout.evaluate(state.params)
-                logger.write(step, results)
-                if is_main:
-                    logging.info("step %d holdout: %s (%.1fs)", step,
-                                 json.dumps({k: round(v, 4) for k, v in results.items()}),
-                                 time.perf_counter() - started)
+            for name, evaluator in evaluators.items():
+                if is_due(evaluator.every_steps, step, config.total_steps):
+                    started = time.perf_counter()
+                    results = evaluator.evaluate(state.eval_params)
+                    logger.write(step, results)
+                    if is_main:
+                        logging.info("step %d %s: %s (%.1fs)", step, name,
+                                     json.dumps({k: round(v, 4) for k, v in results.items()}),
+                                     time.perf_counter() - started)
 
             if save:
                 meta = {"model": _model_kwargs(config), "step": step,
@@ -171,6 +166,25 @@ def _check_finite(step_metrics: list[dict[str, Any]], first_step: int, checkpoin
                 f"Non-finite training loss ({loss}) at step {first_step + offset}. The last good "
                 f"checkpoint in {workdir} is kept; lower the learning rate or set "
                 f"config.optimizer.skip_nonfinite=True to skip such updates.")
+
+
+def _init_params(config: ml_collections.ConfigDict, model: Model) -> Any:
+    """Parameters of `config.init` adapted to this run's head, pre-logits and resolution."""
+    import checkpoints  # the format readers; TensorFlow only for coyo-vit TF checkpoints
+
+    params, loaded = checkpoints.load(
+        config.init, num_classes=config.num_classes, scan=model.scan, rep_size=model.representation_size,
+        image_size=config.image_size, head_kernel_init=model.head_kernel_init,
+        head_bias_init=model.head_bias_init)
+    dims = model.dims
+    wanted = {"patch_size": dims.patch_size, "width": dims.width, "depth": dims.depth,
+              "mlp_dim": dims.mlp_dim, "num_heads": dims.num_heads, "pool_type": model.pool_type}
+    mismatched = {k: (loaded.get(k), v) for k, v in wanted.items() if loaded.get(k) != v}
+    if mismatched:
+        raise ValueError(f"config.init {config.init!r} does not match config.model: "
+                         + ", ".join(f"{k} checkpoint={a} config={b}" for k, (a, b) in mismatched.items()))
+    logging.info("Initialised from %s", config.init)
+    return params
 
 
 def _gather_ints(value: int) -> list[int]:

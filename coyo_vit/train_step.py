@@ -14,7 +14,9 @@ import optax
 from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding
 
+from coyo_vit import ema as ema_lib
 from coyo_vit import metrics as metrics_lib
+from coyo_vit import mixup as mixup_lib
 from coyo_vit import sharding as sharding_lib
 
 
@@ -24,13 +26,21 @@ class TrainState:
     params: Any
     opt_state: Any
     rng: jax.Array  # raw uint32[2] key data: checkpoints as a plain array
+    ema_params: Any = None  # exponential moving average of params, when config.ema_decay is set
 
     def as_checkpoint(self) -> dict[str, Any]:
-        return {"step": self.step, "params": self.params, "opt_state": self.opt_state, "rng": self.rng}
+        tree = {"step": self.step, "params": self.params, "opt_state": self.opt_state, "rng": self.rng}
+        return tree if self.ema_params is None else {**tree, "ema_params": self.ema_params}
 
     @classmethod
     def from_checkpoint(cls, tree: dict[str, Any]) -> "TrainState":
-        return cls(step=tree["step"], params=tree["params"], opt_state=tree["opt_state"], rng=tree["rng"])
+        return cls(step=tree["step"], params=tree["params"], opt_state=tree["opt_state"],
+                   rng=tree["rng"], ema_params=tree.get("ema_params"))
+
+    @property
+    def eval_params(self) -> Any:
+        """What evaluators see: the EMA weights when kept, else the trained ones."""
+        return self.params if self.ema_params is None else self.ema_params
 
 
 def _unboxed(model: nn.Module, rng: jax.Array, images: jax.Array) -> Any:
@@ -38,7 +48,7 @@ def _unboxed(model: nn.Module, rng: jax.Array, images: jax.Array) -> Any:
 
 
 def state_shardings(model: nn.Module, tx: optax.GradientTransformation, image_shape: tuple[int, ...],
-                    mesh: Mesh, rules, param_rules=()) -> tuple[TrainState, TrainState]:
+                    mesh: Mesh, rules, param_rules=(), ema: bool = False) -> tuple[TrainState, TrainState]:
     """(abstract state, its shardings): shapes without allocating, placements from logical axes."""
     images = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
     boxed = jax.eval_shape(lambda r, x: model.init(r, x, train=False)["params"], jax.random.PRNGKey(0), images)
@@ -48,8 +58,10 @@ def state_shardings(model: nn.Module, tx: optax.GradientTransformation, image_sh
     o_shardings = sharding_lib.opt_state_shardings(tx, abstract_opt, p_shardings, mesh)
     rep = sharding_lib.replicated(mesh)
     abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params,
-                          opt_state=abstract_opt, rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
-    shardings = TrainState(step=rep, params=p_shardings, opt_state=o_shardings, rng=rep)
+                          opt_state=abstract_opt, rng=jax.ShapeDtypeStruct((2,), jnp.uint32),
+                          ema_params=abstract_params if ema else None)
+    shardings = TrainState(step=rep, params=p_shardings, opt_state=o_shardings, rng=rep,
+                           ema_params=p_shardings if ema else None)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             abstract, shardings)
     return abstract, shardings
@@ -57,23 +69,32 @@ def state_shardings(model: nn.Module, tx: optax.GradientTransformation, image_sh
 
 def init_state(model: nn.Module, tx: optax.GradientTransformation, image_shape: tuple[int, ...],
                seed: int, shardings: TrainState, params: Any | None = None) -> TrainState:
-    """Initialises (or adopts `params`) directly into the target shardings: no host-side copy."""
-    def init(rng):
+    """Initialises (or adopts `params`, e.g. a checkpoint to fine-tune) into the target shardings.
+
+    Random parameters are created directly in their shards; given ones are passed in as
+    arguments (never baked into the program as constants) and placed by `out_shardings`.
+    """
+    ema = shardings.ema_params is not None
+
+    def init(rng, given):
         init_rng, state_rng = jax.random.split(rng)
-        p = params if params is not None else _unboxed(model, init_rng, jnp.zeros((1, *image_shape)))
+        p = given if given is not None else _unboxed(model, init_rng, jnp.zeros((1, *image_shape)))
         return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p),
-                          rng=jax.random.bits(state_rng, (2,), jnp.uint32))
-    return jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(seed))
+                          rng=jax.random.bits(state_rng, (2,), jnp.uint32),
+                          ema_params=ema_lib.init_ema(p) if ema else None)
+    return jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(seed), params)
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                     loss_fn: Callable[[jax.Array, jax.Array], jax.Array],
                     shardings: TrainState, batch_sharding: NamedSharding,
-                    schedule: optax.Schedule, grad_accum_steps: int = 1) -> Callable:
+                    schedule: optax.Schedule, grad_accum_steps: int = 1,
+                    ema_decay: float | None = None, mixup_alpha: float = 0.0) -> Callable:
     """Returns step(state, batch) -> (state, metrics); `state` is donated.
 
     With gradient accumulation the global batch is split into `grad_accum_steps` micro-batches
     whose gradients are averaged inside one compiled step, so one step is one global batch.
+    Mixup (alpha > 0) mixes the global batch on device; the EMA (when kept) follows each update.
     """
     def loss_and_metrics(params, images, labels, rng):
         logits = model.apply({"params": params}, images, train=True, rngs={"dropout": rng})
@@ -84,6 +105,9 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
 
     def step(state: TrainState, batch: dict[str, jax.Array]):
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng, impl="threefry2x32"), state.step)
+        if mixup_alpha:
+            rng, mix_rng = jax.random.split(rng)
+            batch = mixup_lib.mixup_batch(mix_rng, batch, mixup_alpha)
         images, labels = batch["image"], batch["labels"]
         if grad_accum_steps == 1:
             (loss, prec1), grads = grad_fn(state.params, images, labels, rng)
@@ -104,6 +128,9 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        if state.ema_params is not None:
+            new_state = new_state.replace(
+                ema_params=ema_lib.ema_update(state.ema_params, params, ema_decay, state.step))
         metrics = {"train/loss": loss, "train/prec@1": prec1, "train/lr": schedule(state.step),
                    "train/grad_norm": optax.tree_utils.tree_norm(grads), "train/param_norm": optax.tree_utils.tree_norm(params)}
         return new_state, metrics

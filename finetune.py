@@ -1,0 +1,20 @@
+"""Fine-tune a pretrained ViT (ours, coyo-vit TensorFlow, vision_transformer or big_vision).
+
+    python finetune.py --config configs/imagenet_finetune.py:variant=L/16,res=384 --workdir DIR \
+        --config.init=/ckpt/coyo_l16 --config.input.data.manual_dir=/data/imagenet
+    python finetune.py --config configs/demo_finetune.py --workdir /tmp/coyo_vit_digits
+
+The same loop and flags as train.py (coyo_vit.train_loop). `config.init` is read by
+checkpoints.load, which replaces the head for `config.num_classes`, keeps or drops the
+pre-logits layer and resizes the position embeddings to `config.image_size`.
+"""
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # before anything imports TensorFlow
+
+from absl import app  # noqa: E402
+
+from coyo_vit import cli  # noqa: E402
+
+if __name__ == "__main__":
+    app.run(lambda argv: cli.run(argv, require_init=True))
