@@ -22,6 +22,10 @@ setup(
         "clu>=0.0.12",
         "tensorboard>=2.16",
         "numpy>=1.26",
+        "importlib_resources",  # tensorflow-datasets' download_and_prepare needs it via etils
     ],
-    extras_require={"test": ["pytest>=8", "pyarrow>=14"]},
+    extras_require={
+        "test": ["pytest>=8", "pyarrow>=14", "scikit-learn>=1.3"],
+        "demo": ["scikit-learn>=1.3"],  # the fine-tuning demo writes sklearn's digits as an image folder
+    },
 )

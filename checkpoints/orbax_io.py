@@ -98,11 +98,13 @@ def is_orbax_checkpoint(path: str) -> bool:
         return False
 
 
-def restore_params(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
+def restore_params(path: str, prefer_ema: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
     """Reads only the parameters (as numpy) and the Model kwargs from one of our checkpoints.
 
     `path` may be a training workdir (its latest step is used), its checkpoints/ directory, or a
     step directory. Optimizer state is not read, so this costs the memory of the params alone.
+    A run that kept an EMA of its weights was evaluated on it, so with `prefer_ema` those are
+    the parameters returned.
     """
     step_dir = _resolve_step_dir(path)
     if step_dir is None:
@@ -111,9 +113,10 @@ def restore_params(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
             f"'{STATE_ITEM}/' and '{META_ITEM}/', a checkpoints/ directory of steps, or a workdir.")
     handler = ocp.PyTreeCheckpointHandler()
     tree_meta = handler.metadata(step_dir / STATE_ITEM).tree
-    if "params" not in tree_meta:
+    item = "ema_params" if prefer_ema and "ema_params" in tree_meta else "params"
+    if item not in tree_meta:
         raise ValueError(f"Checkpoint {str(step_dir)!r} holds no 'params' (found {sorted(tree_meta)}).")
-    params_meta = {"params": tree_meta["params"]}
+    params_meta = {item: tree_meta[item]}
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), params_meta)
     checkpointer = ocp.Checkpointer(handler)
     restored = checkpointer.restore(step_dir / STATE_ITEM, args=ocp.args.PyTreeRestore(
@@ -122,8 +125,8 @@ def restore_params(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
         step_dir / META_ITEM, args=ocp.args.JsonRestore())
     if "model" not in meta:
         raise ValueError(f"Checkpoint {str(step_dir)!r} has no model description in {META_ITEM}/.")
-    logging.info("Restored parameters from %s", step_dir)
-    return restored["params"], dict(meta["model"])
+    logging.info("Restored %s from %s", item, step_dir)
+    return restored[item], dict(meta["model"])
 
 
 def _resolve_step_dir(path: str) -> epath.Path | None:

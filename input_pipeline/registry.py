@@ -45,4 +45,4 @@ def names() -> list[str]:
 
 def _load_builtin_ops() -> None:
     # Imported here, not at the top: the op modules import this module to register themselves.
-    from input_pipeline import ops_image, ops_labels  # noqa: F401
+    from input_pipeline import ops_classification, ops_image, ops_labels  # noqa: F401

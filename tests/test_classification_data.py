@@ -3,6 +3,7 @@ real TFDS `imagenet2012` directory (written in TFDS's own format from those phot
 mock of imagenet2012, and the digits demo folder; plus the errors for bad input."""
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -85,14 +86,16 @@ def _imagenet(data_dir: Path, split: str, **input_overrides) -> dict:
 
 @pytest.fixture(scope="module")
 def photo_folder(tmp_path_factory) -> tuple[Path, list[dict]]:
-    """ROOT/train/<first label>/<key>.<ext> from the fixture's real JPEGs and PNGs."""
+    """ROOT/train/<first label>/<key>.<ext>: 40 of the fixture's real photos, the last 8 of them
+    re-encoded as PNG (the shards hold only JPEGs) so both decoders run."""
     root = tmp_path_factory.mktemp("photos")
-    everything = fixture_photos()
-    photos = ([p for p in everything if p["bytes"][:2] == b"\xff\xd8"][:32]
-              + [p for p in everything if p["bytes"][:2] != b"\xff\xd8"][:8])  # PNGs, ...
-    for p in photos:
-        ext = ".jpg" if p["bytes"][:2] == b"\xff\xd8" else ".png"
-        p["path"] = root / "train" / str(p["label"]) / f"{p['key']}{ext}"
+    photos = fixture_photos()[:40]
+    for i, p in enumerate(photos):
+        if i >= 32:
+            buffer = io.BytesIO()
+            Image.open(io.BytesIO(p["bytes"])).convert("RGB").save(buffer, format="PNG")
+            p["bytes"] = buffer.getvalue()
+        p["path"] = root / "train" / str(p["label"]) / f"{p['key']}{'.jpg' if i < 32 else '.png'}"
         p["path"].parent.mkdir(parents=True, exist_ok=True)
         p["path"].write_bytes(p["bytes"])
     (root / "train" / ".DS_Store").write_bytes(b"junk")  # hidden files are not images
@@ -249,6 +252,7 @@ def test_bad_inputs_fail_with_named_values(tmp_path, imagenet_dir, photo_folder)
         cd.prepare(_imagenet(empty, "train")["data"])
     with pytest.raises(FileNotFoundError, match="manual_dir '/nonexistent/imagenet'"):
         cd.prepare(dict(_imagenet(empty, "train")["data"], manual_dir="/nonexistent/imagenet"))
+    cd.prepare(_imagenet(imagenet_dir, "train")["data"])  # prepared already: no manual_dir needed
     with pytest.raises(ValueError, match="no split 'val'.*'train', 'validation'"):
         cd.build_eval_dataset(_imagenet(imagenet_dir, "val"), batch_size=2)
     root, _ = photo_folder

@@ -47,6 +47,10 @@ def test_ema_starts_as_a_float32_copy_and_rejects_bad_decay():
         ema_update(ema, params, 1.5, 0)
 
 
+# One compiled mixup per batch shape (jax.random.beta compiles slowly).
+_mixup = jax.jit(mixup, static_argnums=3)
+
+
 def _one_hot_batch(n: int = 8, classes: int = 5):
     rng = np.random.default_rng(1)
     images = rng.uniform(-1, 1, size=(n, 4, 4, 3)).astype(np.float32)
@@ -56,7 +60,7 @@ def _one_hot_batch(n: int = 8, classes: int = 5):
 
 def test_mixup_mixes_each_example_with_its_predecessor_with_one_weight():
     images, labels = _one_hot_batch()
-    mixed_images, mixed_labels = mixup(jax.random.PRNGKey(3), images, labels, alpha=0.4)
+    mixed_images, mixed_labels = _mixup(jax.random.PRNGKey(3), images, labels, 0.4)
     np.testing.assert_allclose(mixed_labels.sum(-1), 1.0, rtol=1e-6)  # still distributions
     # Example 0 is class 0 mixed with example 7 (class 2): its label row reveals the weight.
     lam = float(mixed_labels[0, 0])
@@ -69,8 +73,8 @@ def test_mixup_mixes_each_example_with_its_predecessor_with_one_weight():
 
 def test_mixup_weight_follows_folded_beta():
     images, labels = _one_hot_batch(n=2, classes=2)  # row 0 = class 0, its predecessor class 1
-    keys = jax.random.split(jax.random.PRNGKey(0), 4000)
-    lams = jax.vmap(lambda k: mixup(k, images, labels, 1.0)[1][0, 0])(keys)
+    keys = jax.random.split(jax.random.PRNGKey(0), 2000)
+    lams = jax.jit(jax.vmap(lambda k: mixup(k, images, labels, 1.0)[1][0, 0]))(keys)
     # Beta(1, 1) folded to >= 0.5 is uniform on [0.5, 1]: mean 0.75, variance 1/48.
     assert float(lams.min()) >= 0.5 and float(lams.max()) <= 1.0
     assert float(lams.mean()) == pytest.approx(0.75, abs=0.01)
@@ -79,9 +83,9 @@ def test_mixup_weight_follows_folded_beta():
 
 def test_mixup_is_deterministic_per_key_and_off_at_alpha_zero():
     images, labels = _one_hot_batch()
-    a = mixup(jax.random.PRNGKey(5), images, labels, 0.2)
-    b = mixup(jax.random.PRNGKey(5), images, labels, 0.2)
-    c = mixup(jax.random.PRNGKey(6), images, labels, 0.2)
+    a = _mixup(jax.random.PRNGKey(5), images, labels, 0.4)
+    b = _mixup(jax.random.PRNGKey(5), images, labels, 0.4)
+    c = _mixup(jax.random.PRNGKey(6), images, labels, 0.4)
     assert np.array_equal(a[0], b[0]) and not np.array_equal(a[1], c[1])
     same_images, same_labels = mixup(jax.random.PRNGKey(5), images, labels, 0.0)
     assert same_images is images and same_labels is labels
@@ -95,7 +99,7 @@ def test_mixup_batch_on_a_sharded_global_batch_equals_unsharded():
     batch = {"image": jax.device_put(images, spec), "labels": jax.device_put(labels, spec),
              "_mask": jax.device_put(jnp.ones(8, bool), spec)}
     out = jax.jit(lambda r, b: mixup_batch(r, b, 0.4))(jax.random.PRNGKey(3), batch)
-    want_images, want_labels = mixup(jax.random.PRNGKey(3), images, labels, 0.4)
+    want_images, want_labels = _mixup(jax.random.PRNGKey(3), images, labels, 0.4)
     np.testing.assert_allclose(out["image"], want_images, rtol=1e-6)
     np.testing.assert_allclose(out["labels"], want_labels, rtol=1e-6)
     assert np.array_equal(out["_mask"], np.ones(8, bool))

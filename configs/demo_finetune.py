@@ -1,0 +1,77 @@
+"""The fine-tuning demo: the demo-pretrained ViT fine-tuned on handwritten digits, on a CPU.
+
+    python train.py --config configs/demo.py --workdir /tmp/coyo_vit_demo        # pretrain first
+    python finetune.py --config configs/demo_finetune.py --workdir /tmp/coyo_vit_digits
+
+`config.init` defaults to /tmp/coyo_vit_demo (the README's pretraining workdir; its latest
+checkpoint is used). The digits (scikit-learn's 1,797 8x8 images, enlarged to 32px RGB PNGs:
+1,437 train, 360 test) are written on first use into WORKDIR/digits or
+`--config.demo_digits.out_dir`, by input_pipeline.demo_digits.ensure_digits_folder; the loop
+then sets `config.input.data.root` (the evaluators share that field). The 21,841-class head is
+replaced by a zero-initialised 10-class one and trained with the ImageNet recipe's optimizer
+(SGD momentum 0.9, clip 1.0, cosine, softmax cross-entropy), without augmentation (a crop
+cuts strokes off 8x8 digits). Argument: steps (default 1500). Evaluators: `val` (top-1 on the
+test split) and `fewshot` (1/5/10-shot linear probes of the current features).
+
+Measured with finetune.py on 2 shared CPU cores, from the 1,200-step demo pretraining:
+val/top1 0.12 before training, 0.69 at step 500, 0.78 at 1,500 (3 minutes; 10-shot probe
+0.30 -> 0.59). The drawn-shapes pretraining transfers little to digits (a run from scratch
+ends about as high), so the demo shows the mechanics of fine-tuning (checkpoint adaptation,
+image-folder data, evaluators), not transfer.
+"""
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+from configs import common
+
+NUM_CLASSES = 10
+DEMO_PRETRAIN_WORKDIR = "/tmp/coyo_vit_demo"
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    steps = int(arg) if arg else 1500
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.init = config_dict.placeholder(str)
+    config.init = DEMO_PRETRAIN_WORKDIR
+    config.demo_digits = dict(out_dir="", image_size=32)  # "" = WORKDIR/digits
+    config.num_classes = NUM_CLASSES
+    config.image_size = 32
+    config.batch_size = 64
+    config.grad_accum_steps = 1
+    config.total_steps = steps
+    config.loss = "softmax_xent"
+    # configs/demo.py's model with a new head: checkpoints.load(init, num_classes=10,
+    # rep_size=None, image_size=32) adapts the pretrained parameters to it.
+    config.model = dict(patch_size=8, width=96, depth=4, mlp_dim=192, num_heads=4, pool_type="tok",
+                        rep_size=None, dropout=0.0, head_kernel_init=0.0, head_bias_init=0.0,
+                        dtype="float32", scan=False, remat_policy="none")
+    root = config_dict.FieldReference("", field_type=str)  # filled in with the digits folder
+    digits = dict(name="imagefolder", root=root)
+    labels = f"onehot({NUM_CLASSES})"
+    pp_eval = f"decode|resize(32)|value_range(-1, 1)|{labels}"  # 32px already: fixes the shape
+    config.input = dict(
+        data=dict(digits, split="train"),
+        pp_train=pp_eval,
+        pp_eval=pp_eval,
+        shuffle_buffer=2048,
+        cycle_length=4,
+        num_parallel_calls=-1,
+        prefetch=2,
+        ram_budget_gb=None)
+    config.optimizer = dict(name="sgd", momentum=0.9, nesterov=False, weight_decay=0.0,
+                            grad_clip_norm=1.0)
+    config.schedule = dict(base_lr=0.1, end_lr=0.0, warmup_steps=50, decay="cosine")
+    config.ema_decay = config_dict.placeholder(float)
+    config.mixup_alpha = 0.0
+    config.evals = dict(
+        val=dict(type="classification", every_steps=250, batch_size=120,
+                 data=dict(digits, split="test"), pp=pp_eval, top_k=(1, 5)),
+        fewshot=dict(type="fewshot", every_steps=750, batch_size=120, num_classes=NUM_CLASSES,
+                     data=dict(digits, split="train"), test_split="test", pp=pp_eval,
+                     shots=(1, 5, 10), l2_reg=1.0))
+    config.eval_batch_size = 120
+    common.run_control(config, log_every=50, eval_every=0, checkpoint_every=500)
+    return config

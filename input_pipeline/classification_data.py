@@ -1,0 +1,472 @@
+"""Train and eval tf.data pipelines for classification data: TFDS datasets and image folders.
+
+Same contract as `input_pipeline.pipeline` (the COYO shards), so the train loop and evaluators
+treat both alike:
+
+- `build_train_dataset(...)`: endless batches {image f32 [b,H,W,3], labels f32 [b,C],
+  _index int64 [b]}. The raw example stream of a process depends only on the seed; `_index` is
+  each example's position in it, augmentation seeds come from (seed, process_index, _index),
+  and `start_position=max(_index) + 1` of the last consumed batch resumes exactly after it.
+- `build_eval_dataset(...)`: one pass of batches {image, labels, label int32 [b],
+  file_name string [b], _mask bool [b]}, padded to the batch size; every process yields the
+  same number of batches. `label` is the dataset's integer class and `file_name` the image's
+  file name (TFDS `file_name` feature, or the file's base name in an image folder; "" when the
+  dataset has none): evaluators use them for top-k and ImageNet-ReaL. Pick the keys you send
+  to devices: `file_name` is a string.
+
+The input config (`config.input`):
+
+    data=dict(name="tfds", tfds_name="imagenet2012", split="train", data_dir=None,
+              manual_dir=None, image_key="image", label_key="label", file_name_key="file_name")
+    data=dict(name="imagefolder", root="/data/digits", split="train")
+    pp_train="decode_jpeg_and_inception_crop(384)|flip_lr|value_range(-1, 1)|onehot(1000)",
+    pp_eval="decode|resize(384)|value_range(-1, 1)|onehot(1000)",
+    shuffle_buffer=25_000, cycle_length=16, num_parallel_calls=-1, prefetch=2, ram_budget_gb=None
+
+`split` is a TFDS split string (slices like "train[:99%]" work) or an image-folder split
+directory. The pp receives {image (encoded bytes), label, file_name} and must produce a
+fixed-size `image` and float32 `labels` with as many classes as the dataset has (checked).
+TFDS datasets must be prepared first (`prepare(data)`, on one process): pipelines never
+download, so a multi-host job cannot race on the preparation.
+
+Shuffling: an image folder is listed in memory, so each epoch is a full stateless permutation
+and a resume skips arithmetically. A TFDS split is read in its stored file order (TFDS
+shuffles examples when it prepares a dataset) through a per-epoch-seeded shuffle buffer of
+serialized examples; a resume reads through (without decoding) the rest of its epoch.
+Processes read disjoint contiguous parts of the split (`tfds.even_splits`, or ranges of the
+sorted folder listing). Keep data, pp_train, shuffle_buffer and cycle_length fixed across a
+resume: they define the stream.
+
+Damaged images are not skipped: a file that does not decode stops the pipeline with TF's error.
+Curated classification sets are expected to be clean; a silent skip would shift `_index`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Mapping
+
+import tensorflow as tf
+
+from input_pipeline import imagefolder, pp_parser
+from input_pipeline import ops_classification  # noqa: F401  (registers `onehot`)
+
+SOURCES = ("tfds", "imagefolder")
+_DATA_KEYS = {
+    "tfds": ("name", "tfds_name", "split", "data_dir", "manual_dir", "image_key", "label_key",
+             "file_name_key"),
+    "imagefolder": ("name", "root", "split"),
+}
+_INPUT_KEYS = ("data", "pp_train", "pp_eval", "shuffle_buffer", "cycle_length",
+               "num_parallel_calls", "prefetch", "ram_budget_gb")
+_INT64_MAX = 2**63 - 1
+_SHUFFLE_STREAM = 2  # folded into the seed: the stream of per-epoch shuffle seeds
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+    """The `data` section: where examples come from (see the module docstring for keys)."""
+    name: str
+    split: str
+    tfds_name: str | None = None
+    data_dir: str | None = None
+    manual_dir: str | None = None
+    image_key: str = "image"
+    label_key: str = "label"
+    file_name_key: str = "file_name"
+    root: str | None = None
+
+    @classmethod
+    def from_config(cls, data: Any) -> "DataSpec":
+        values = _as_dict(data, "input config 'data'")
+        name = values.get("name")
+        if name not in SOURCES:
+            raise ValueError(f"input data name {name!r} is not a classification source; valid: "
+                             f"{', '.join(SOURCES)} (COYO shards use input_pipeline.pipeline)")
+        _check_keys(values, _DATA_KEYS[name], f"input config 'data' (name={name!r})")
+        if not isinstance(values.get("split"), str) or not values["split"]:
+            raise ValueError(f"input data needs split, e.g. 'train' or 'validation', got "
+                             f"{values.get('split')!r}")
+        required = "tfds_name" if name == "tfds" else "root"
+        if not isinstance(values.get(required), str) or not values[required]:
+            raise ValueError(f"input data with name={name!r} needs {required}, got "
+                             f"{values.get(required)!r}")
+        return cls(**{k: v for k, v in values.items() if v is not None})
+
+    def with_split(self, split: str | None) -> "DataSpec":
+        return self if split is None else dataclasses.replace(self, split=split)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassificationInputConfig:
+    """The input section of a fine-tuning config, validated once; unknown keys are errors."""
+    data: DataSpec
+    pp_train: str | None = None
+    pp_eval: str | None = None
+    shuffle_buffer: int = 10_000
+    cycle_length: int = 16
+    num_parallel_calls: int = -1
+    prefetch: int = 2
+    ram_budget_gb: float | None = None
+
+    @classmethod
+    def from_config(cls, config: Any) -> "ClassificationInputConfig":
+        values = _as_dict(config, "input config")
+        _check_keys(values, _INPUT_KEYS, "input config")
+        data = DataSpec.from_config(values.pop("data", None))
+        cfg = cls(data=data, **{k: v for k, v in values.items() if v is not None})
+        for name, minimum in (("shuffle_buffer", 1), ("cycle_length", 1), ("prefetch", 0)):
+            _check_int(getattr(cfg, name), name, minimum)
+        if cfg.num_parallel_calls != -1:
+            _check_int(cfg.num_parallel_calls, "num_parallel_calls (-1 = AUTOTUNE)", 1)
+        return cfg
+
+
+def is_classification_data(data: Any) -> bool:
+    """True when a `data` section names a source of this module (else: COYO shards)."""
+    return _as_dict(data, "input config 'data'").get("name") in SOURCES
+
+
+def prepare(data: Any) -> None:
+    """Downloads and prepares a TFDS dataset (a no-op for image folders and prepared datasets).
+
+    Run it on one process before building pipelines. Datasets that need a manual download
+    (imagenet2012) read their archives from data.manual_dir; an unprepared one without
+    manual_dir is an error (also under tfds.testing.mock_data, which fakes only reading:
+    give any existing directory there).
+    """
+    spec = DataSpec.from_config(data)
+    if spec.name != "tfds":
+        return
+    import tensorflow_datasets as tfds
+
+    builder = _tfds_builder(spec.tfds_name, spec.data_dir)
+    if builder.is_prepared():  # nothing to do, and no manual_dir needed any more
+        return
+    manual = getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None)
+    if manual and not spec.manual_dir:
+        raise ValueError(f"TFDS dataset {spec.tfds_name!r} needs a manual download: set "
+                         f"data.manual_dir to the directory holding its archives. TFDS says: "
+                         f"{' '.join(manual.split())}")
+    if spec.manual_dir and not tf.io.gfile.isdir(spec.manual_dir):
+        raise FileNotFoundError(f"data.manual_dir {spec.manual_dir!r} is not a directory")
+    config = tfds.download.DownloadConfig(manual_dir=spec.manual_dir)
+    builder.download_and_prepare(download_config=config)
+
+
+def num_classes(data: Any) -> int | None:
+    """The dataset's class count (TFDS ClassLabel or image-folder classes); None if unknown."""
+    return _make_source(DataSpec.from_config(data)).num_classes
+
+
+def count_examples(data: Any, split: str | None = None) -> int:
+    """Examples in the split (data.split unless `split` is given)."""
+    source = _make_source(DataSpec.from_config(data).with_split(split))
+    return source.total
+
+
+def build_train_dataset(input_config: Any, *, batch_size: int, seed: int, process_index: int = 0,
+                        process_count: int = 1, start_position: int = 0) -> tf.data.Dataset:
+    """Endless batches {image, labels, _index} of this process (see the module docstring)."""
+    cfg = ClassificationInputConfig.from_config(input_config)
+    if not cfg.pp_train:
+        raise ValueError("input config needs pp_train, e.g. 'decode_jpeg_and_inception_crop(224)|"
+                         "flip_lr|value_range(-1, 1)|onehot(1000)'")
+    _check_int(batch_size, "batch_size", 1)
+    _check_int(start_position, "start_position", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool) or not -2**63 <= seed < 2**63:
+        raise ValueError(f"seed must be an int that fits in int64, got {seed!r}")
+    _check_process(process_index, process_count)
+    source = _make_source(cfg.data)
+    base_seed = tf.constant([seed, process_index], tf.int64)
+    raw = source.train_stream(process_index, process_count, base_seed, start_position, cfg)
+    preprocess = pp_parser.parse(cfg.pp_train)
+
+    def process(index: tf.Tensor, example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        features = dict(example, rng=tf.random.experimental.stateless_fold_in(base_seed, index))
+        out = _model_inputs(preprocess(features), "pp_train")
+        return {"image": out["image"], "labels": out["labels"], "_index": index,
+                "_keep": out["_keep"]}
+
+    ds = raw.map(process, num_parallel_calls=cfg.num_parallel_calls, deterministic=True)
+    _check_num_classes(ds.element_spec, source, "pp_train")
+    ds = ds.filter(lambda ex: ex["_keep"]).map(
+        lambda ex: {k: v for k, v in ex.items() if k != "_keep"})
+    ds = ds.batch(batch_size, drop_remainder=True)
+    return ds.prefetch(cfg.prefetch).with_options(_options(cfg))
+
+
+def build_eval_dataset(input_config: Any, *, split: str | None = None, batch_size: int,
+                       process_index: int = 0, process_count: int = 1) -> tf.data.Dataset:
+    """One padded pass {image, labels, label, file_name, _mask} over `split` (default data.split).
+
+    Process p reads the p-th contiguous part of the split; every process yields
+    ceil(ceil(N / process_count) / batch_size) batches, topping up with all-masked ones.
+    Examples whose pp sets `_keep` False are masked, not dropped.
+    """
+    cfg = ClassificationInputConfig.from_config(input_config)
+    if not cfg.pp_eval:
+        raise ValueError("input config needs pp_eval, e.g. 'decode|resize(384)|value_range(-1, 1)|"
+                         "onehot(1000)'")
+    _check_int(batch_size, "batch_size", 1)
+    _check_process(process_index, process_count)
+    source = _make_source(cfg.data.with_split(split))
+    most = math.ceil(source.total / process_count)
+    num_batches = math.ceil(most / batch_size)
+    preprocess = pp_parser.parse(cfg.pp_eval)
+
+    def process(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        out = _model_inputs(preprocess(dict(example)), "pp_eval")
+        return {"image": out["image"], "labels": out["labels"], "label": example["label"],
+                "file_name": example["file_name"], "_mask": out["_keep"]}
+
+    ds = source.examples(process_index, process_count, cfg)
+    ds = ds.map(process, num_parallel_calls=cfg.num_parallel_calls, deterministic=True)
+    _check_num_classes(ds.element_spec, source, "pp_eval")
+    ds = ds.batch(batch_size).map(lambda b: _pad_batch(b, batch_size))
+    empty = tf.nest.map_structure(lambda s: tf.zeros(s.shape, s.dtype), ds.element_spec)
+    ds = ds.concatenate(tf.data.Dataset.from_tensors(empty).repeat()).take(num_batches)
+    return ds.prefetch(cfg.prefetch).with_options(_options(cfg))
+
+
+# --------------------------------------------------------------------------- sources
+
+
+class _FolderSource:
+    """An image-folder split, listed in memory."""
+
+    def __init__(self, spec: DataSpec):
+        self.folder = imagefolder.list_split(spec.root, spec.split)
+        self.num_classes: int | None = len(self.folder.classes)
+        self.total = len(self.folder)
+        self.description = f"image folder {spec.root!r} split {spec.split!r}"
+
+    def _share(self, process_index: int, process_count: int) -> tuple[list[str], list[int]]:
+        start = self.total * process_index // process_count
+        stop = self.total * (process_index + 1) // process_count
+        return list(self.folder.paths[start:stop]), list(self.folder.labels[start:stop])
+
+    @staticmethod
+    def _read(path: tf.Tensor, label: tf.Tensor) -> dict[str, tf.Tensor]:
+        return {"image": tf.io.read_file(path), "label": tf.cast(label, tf.int32),
+                "file_name": tf.strings.split(path, "/")[-1]}
+
+    def examples(self, process_index: int, process_count: int,
+                 cfg: ClassificationInputConfig) -> tf.data.Dataset:
+        paths, labels = self._share(process_index, process_count)
+        ds = tf.data.Dataset.from_tensor_slices((tf.constant(paths, tf.string),
+                                                 tf.constant(labels, tf.int64)))
+        return ds.map(self._read, num_parallel_calls=cfg.num_parallel_calls, deterministic=True)
+
+    def train_stream(self, process_index: int, process_count: int, base_seed: tf.Tensor,
+                     start_position: int, cfg: ClassificationInputConfig) -> tf.data.Dataset:
+        """(index, example) from `start_position`: epoch e is a stateless permutation of the
+        process's share seeded by (seed, process, e); skipping is arithmetic."""
+        paths, labels = self._share(process_index, process_count)
+        if not paths:
+            raise ValueError(f"process {process_index} of {process_count} gets no example of "
+                             f"{self.description} ({self.total} images); use fewer processes")
+        paths_t = tf.constant(paths, tf.string)
+        labels_t = tf.constant(labels, tf.int64)
+        start_epoch, skip = divmod(start_position, len(paths))
+        shuffle_seed = tf.random.experimental.stateless_fold_in(base_seed, _SHUFFLE_STREAM)
+
+        def epoch(e: tf.Tensor) -> tf.data.Dataset:
+            order = tf.random.experimental.stateless_shuffle(
+                tf.range(len(paths), dtype=tf.int64),
+                tf.random.experimental.stateless_fold_in(shuffle_seed, e))
+            order = order[tf.where(tf.equal(e, start_epoch), tf.constant(skip, tf.int64), 0):]
+            return tf.data.Dataset.from_tensor_slices((tf.gather(paths_t, order),
+                                                       tf.gather(labels_t, order)))
+
+        ds = tf.data.Dataset.range(start_epoch, _INT64_MAX).flat_map(epoch)
+        ds = ds.map(self._read, num_parallel_calls=cfg.num_parallel_calls, deterministic=True)
+        return ds.enumerate(start=start_position)
+
+
+class _TfdsSource:
+    """A split of a prepared TFDS dataset, read as encoded images (no decoding here)."""
+
+    def __init__(self, spec: DataSpec):
+        self.spec = spec
+        self.builder = _tfds_builder(spec.tfds_name, spec.data_dir)
+        features = self.builder.info.features
+        for role in ("image_key", "label_key"):
+            if getattr(spec, role) not in features:
+                raise ValueError(f"TFDS dataset {spec.tfds_name!r} has no feature "
+                                 f"{getattr(spec, role)!r} (data.{role}); features: "
+                                 f"{sorted(features.keys())}")
+        self.num_classes = getattr(features[spec.label_key], "num_classes", None)
+        self.description = f"TFDS {spec.tfds_name!r} split {spec.split!r}"
+        known = list(self.builder.info.splits.keys())
+        if known:  # empty for a dataset that is not prepared (then as_dataset says so below)
+            try:
+                self.builder.info.splits[spec.split]
+            except (ValueError, KeyError) as e:
+                raise ValueError(f"TFDS dataset {spec.tfds_name!r} has no split {spec.split!r} "
+                                 f"({e}); splits: {sorted(known)}") from None
+        self.total = self._count(self._read(spec.split, 16))
+
+    def _read(self, split: Any, cycle_length: int) -> tf.data.Dataset:
+        import tensorflow_datasets as tfds
+
+        features = self.builder.info.features
+        decoders = ({self.spec.image_key: tfds.decode.SkipDecoding()}
+                    if isinstance(features[self.spec.image_key], tfds.features.Image) else None)
+        read_config = tfds.ReadConfig(interleave_cycle_length=cycle_length, try_autocache=False)
+        try:
+            return self.builder.as_dataset(split=split, shuffle_files=False, decoders=decoders,
+                                           read_config=read_config)
+        except AssertionError as e:  # TFDS's "dataset not found at data_dir"
+            raise ValueError(self._not_prepared_message(e)) from None
+
+    def _not_prepared_message(self, error: Exception) -> str:
+        message = (f"TFDS dataset {self.spec.tfds_name!r} is not prepared in data_dir "
+                   f"{self.spec.data_dir!r} ({' '.join(str(error).split())[:300]}). Prepare it once "
+                   f"with input_pipeline.classification_data.prepare(config.input.data)")
+        if getattr(self.builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None):
+            if not self.spec.manual_dir:
+                message += (f"; it needs a manual download: set data.manual_dir to the directory "
+                            f"holding its archives ({' '.join(self.builder.MANUAL_DOWNLOAD_INSTRUCTIONS.split())})")
+            else:
+                message += f" (archives from data.manual_dir={self.spec.manual_dir!r})"
+        return message
+
+    def _count(self, ds: tf.data.Dataset) -> int:
+        count = int(ds.cardinality())
+        if count < 0:
+            raise ValueError(f"cannot count the examples of {self.description}")
+        return count
+
+    def _process_split(self, process_index: int, process_count: int) -> Any:
+        import tensorflow_datasets as tfds
+
+        if process_count == 1:
+            return self.spec.split
+        return tfds.even_splits(self.spec.split, n=process_count)[process_index]
+
+    def examples(self, process_index: int, process_count: int,
+                 cfg: ClassificationInputConfig) -> tf.data.Dataset:
+        ds = self._read(self._process_split(process_index, process_count), cfg.cycle_length)
+        if self._count(ds) > math.ceil(self.total / process_count):
+            raise ValueError(f"{self.description}: process {process_index} got more than its share "
+                             f"of {self.total} examples")
+        spec = self.spec
+        has_name = spec.file_name_key in self.builder.info.features
+
+        def rename(ex: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+            return {"image": ex[spec.image_key], "label": tf.cast(ex[spec.label_key], tf.int32),
+                    "file_name": ex[spec.file_name_key] if has_name else tf.constant("")}
+
+        return ds.map(rename)
+
+    def train_stream(self, process_index: int, process_count: int, base_seed: tf.Tensor,
+                     start_position: int, cfg: ClassificationInputConfig) -> tf.data.Dataset:
+        """(index, example) from `start_position`: epoch e is the process's part in stored
+        order through a shuffle buffer seeded by (seed, process, e)."""
+        base = self.examples(process_index, process_count, cfg)
+        length = self._count(base)
+        if length == 0:
+            raise ValueError(f"process {process_index} of {process_count} gets no example of "
+                             f"{self.description} ({self.total} examples); use fewer processes")
+        shuffle_seed = tf.random.experimental.stateless_fold_in(base_seed, _SHUFFLE_STREAM)
+
+        def epoch(e: tf.Tensor) -> tf.data.Dataset:
+            seed = tf.random.stateless_uniform(
+                [], tf.random.experimental.stateless_fold_in(shuffle_seed, e), minval=None,
+                maxval=None, dtype=tf.int64)
+            return base.shuffle(cfg.shuffle_buffer, seed=seed)
+
+        start_epoch, skip = divmod(start_position, length)
+        ds = tf.data.Dataset.range(start_epoch, _INT64_MAX).flat_map(epoch)
+        return ds.enumerate(start=start_position - skip).skip(skip)
+
+
+def _make_source(spec: DataSpec) -> _FolderSource | _TfdsSource:
+    return _FolderSource(spec) if spec.name == "imagefolder" else _TfdsSource(spec)
+
+
+@functools.lru_cache(maxsize=16)
+def _tfds_builder(name: str, data_dir: str | None):
+    """The TFDS builder (cached: evaluators rebuild pipelines at every evaluation)."""
+    import tensorflow_datasets as tfds
+
+    try:
+        return tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError as e:
+        first_line = str(e).strip().splitlines()[0]
+        raise ValueError(f"unknown TFDS dataset {name!r} (data.tfds_name): {first_line}; see "
+                         f"tfds.list_builders() for the valid names") from None
+
+
+# --------------------------------------------------------------------------- checks and helpers
+
+
+def _model_inputs(features: dict[str, tf.Tensor], pp_name: str) -> dict[str, tf.Tensor]:
+    missing = [k for k in ("image", "labels") if k not in features]
+    if missing:
+        raise ValueError(f"{pp_name} must produce {missing}; it produced {sorted(features)} "
+                         f"(end it with e.g. onehot(num_classes))")
+    image, labels = features["image"], features["labels"]
+    if image.shape.rank != 3 or not image.shape.is_fully_defined():
+        raise ValueError(f"{pp_name} must produce a fixed-size image [H, W, C] (end with a resize "
+                         f"or crop to a size), got shape {image.shape}")
+    if labels.dtype != tf.float32 or labels.shape.rank != 1 or not labels.shape.is_fully_defined():
+        raise ValueError(f"{pp_name} must produce float32 labels [num_classes] (e.g. onehot(C)), "
+                         f"got {labels.dtype.name} {labels.shape}")
+    return {"image": tf.cast(image, tf.float32), "labels": labels,
+            "_keep": tf.convert_to_tensor(features.get("_keep", True), tf.bool)}
+
+
+def _check_num_classes(spec: Mapping[str, tf.TensorSpec], source: Any, pp_name: str) -> None:
+    produced = spec["labels"].shape[-1]
+    if source.num_classes is not None and produced != source.num_classes:
+        raise ValueError(f"{pp_name} produces labels over {produced} classes but "
+                         f"{source.description} has {source.num_classes}; fix onehot(num_classes)")
+
+
+def _pad_batch(batch: dict[str, tf.Tensor], batch_size: int) -> dict[str, tf.Tensor]:
+    """Pads a (last, partial) batch to batch_size with zeros / "" ; padded rows have _mask False."""
+    missing = batch_size - tf.shape(batch["_mask"])[0]
+    padded = {}
+    for name, value in batch.items():
+        paddings = [[0, missing]] + [[0, 0]] * (value.shape.rank - 1)
+        fill = tf.constant("") if value.dtype == tf.string else tf.zeros([], value.dtype)
+        padded[name] = tf.pad(value, paddings, constant_values=fill)
+        padded[name].set_shape([batch_size] + value.shape[1:].as_list())
+    return padded
+
+
+def _options(cfg: ClassificationInputConfig) -> tf.data.Options:
+    options = tf.data.Options()
+    options.deterministic = True
+    if cfg.ram_budget_gb is not None:
+        options.autotune.ram_budget = int(cfg.ram_budget_gb * 2**30)
+    return options
+
+
+def _as_dict(value: Any, what: str) -> dict[str, Any]:
+    if hasattr(value, "to_dict"):  # ml_collections ConfigDict / FrozenConfigDict
+        value = value.to_dict()
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{what} must be a ConfigDict or dict, got {type(value).__name__}")
+    return dict(value)
+
+
+def _check_keys(values: Mapping[str, Any], valid: tuple[str, ...], what: str) -> None:
+    unknown = sorted(set(values) - set(valid))
+    if unknown:
+        raise ValueError(f"{what} has unknown keys {unknown}; valid keys: {sorted(valid)}")
+
+
+def _check_int(value: Any, name: str, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def _check_process(process_index: int, process_count: int) -> None:
+    _check_int(process_count, "process_count", 1)
+    if not isinstance(process_index, int) or not 0 <= process_index < process_count:
+        raise ValueError(f"process_index must be in [0, {process_count}), got {process_index!r}")
+
