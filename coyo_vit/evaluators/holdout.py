@@ -23,11 +23,13 @@ class HoldoutEvaluator:
     def __init__(self, model: nn.Module, loss_fn, config: ml_collections.ConfigDict,
                  params_shardings: Any, mesh: Mesh, prefix: str = "holdout"):
         self._config, self._prefix = config, prefix
+        self.name = prefix
+        self.every_steps = int(config.eval_every_steps)
         self._local_batch = sharding.check_batch_size(config.eval_batch_size, mesh, jax.process_count())
         self._batch_sharding = sharding.batch_sharding(mesh)
         self._step = make_eval_step(model, loss_fn, params_shardings, self._batch_sharding)
 
-    def evaluate(self, params: Any) -> dict[str, float]:
+    def evaluate(self, params: Any, prefix: str | None = None) -> dict[str, float]:
         import input_pipeline.pipeline as pipeline  # TensorFlow only where data is read
 
         data = pipeline.build_eval_dataset(
@@ -42,6 +44,7 @@ class HoldoutEvaluator:
             raise ValueError("The holdout is empty: set config.input.holdout.files or .examples.")
         totals = {k: float(v) for k, v in jax.device_get(totals).items()}
         count = max(totals["count"], 1.0)
-        return {f"{self._prefix}/loss": totals["loss"] / count,
-                f"{self._prefix}/prec@1": totals["prec@1"] / count,
-                f"{self._prefix}/examples": totals["count"]}
+        prefix = prefix or self._prefix
+        return {f"{prefix}/loss": totals["loss"] / count,
+                f"{prefix}/prec@1": totals["prec@1"] / count,
+                f"{prefix}/examples": totals["count"]}
