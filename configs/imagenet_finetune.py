@@ -77,3 +77,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # eval_every_steps drives the COYO holdout evaluator, which fine-tuning has no use for.
     common.run_control(config, log_every=50, eval_every=0, checkpoint_every=1_000)
     return config
+
+
+def get_sweep(arg: str | None = None) -> list[dict]:
+    """The published fine-tuning sweep: lr {0.06, 0.03, 0.01} x steps {20k, 40k} at 384 and 512px.
+
+    12 points; 512px turns EMA on by this config's own rule. See docs/experiments.md.
+    """
+    from coyo_vit.sweep_expand import product, sweep
+    return product([sweep("arg.res", [384, 512]),
+                    sweep("config.schedule.base_lr", [0.06, 0.03, 0.01]),
+                    sweep("config.total_steps", [20_000, 40_000])])

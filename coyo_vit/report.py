@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from coyo_vit import published_results
-from coyo_vit.published_results import COYO, JFT, PublishedResult
+from coyo_vit.published_results import COYO, JFT
 from coyo_vit.sweep_summary import METRICS_FILE, metric_curves, read_metrics
 
 EVAL_RESULTS_FILE = "eval_results.json"   # evaluate.py's default --output name
@@ -146,14 +146,9 @@ def build_rows(runs: Sequence[Run], imagenet_metric: str, real_metric: str, scal
     for row in published_results.RESULTS:
         if row.res not in published_res:
             published_res.append(row.res)
-    by_key = {(r.model, r.upstream, r.res): r for r in published_results.RESULTS}
-
-    def reference(model: str, res: Any, upstream: str) -> PublishedResult | None:
-        return by_key.get((model, upstream, res))
-
     def with_deltas(row: dict[str, Any]) -> dict[str, Any]:
         for upstream, tag in ((COYO, "coyo"), (JFT, "jft")):
-            ref = reference(row["model"], row["res"], upstream)
+            ref = published_results.lookup(row["model"], upstream, row["res"])
             row[f"delta_vs_{tag}"] = None if ref is None or (row["source"] == "published"
                                                              and row["upstream"] == upstream) else {
                 "imagenet": _delta(row["imagenet"], ref.imagenet), "real": _delta(row["real"], ref.real)}

@@ -36,7 +36,7 @@ from coyo_vit.sweep_expand import SweepPoint
 
 REPO = Path(__file__).resolve().parents[1]
 LOG_NAME = "sweep.log"
-EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 143
+EXIT_FAILED, EXIT_USAGE = 1, 2  # interrupted: 128 + the signal (130 Ctrl-C, 143 SIGTERM)
 
 
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -179,6 +179,8 @@ def _log_tail(workdir: str, lines: int = 15) -> str:
 
 
 def summarize(points: Sequence[SweepPoint], args: argparse.Namespace) -> None:
+    if not os.path.isdir(args.workdir_root):
+        raise ValueError(f"--workdir_root {args.workdir_root} does not exist: nothing to summarize")
     results = collect(points, args.workdir_root)
     columns = [c for c in args.columns.split(",") if c]
     summary = sweep_summary.write_summary(results, args.workdir_root, args.metric, args.mode, columns)
@@ -224,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if runner.stop_signal is not None:
         print(f"sweep: interrupted; {len(unfinished)} point(s) unfinished. Run the same command "
               f"again to resume them.")
-        return EXIT_INTERRUPTED
+        return 128 + runner.stop_signal
     if unfinished:
         print(f"sweep: {len(unfinished)} point(s) did not finish: "
               + ", ".join(f"{p.name} ({outcome.get(p.name, 'not run')})" for p in unfinished))

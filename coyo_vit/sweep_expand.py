@@ -281,7 +281,7 @@ def expand(config_spec: str, global_overrides: Sequence[str] = ()) -> list[Sweep
         config_flag = path if arg is None else f"{path}:{arg}"
         flags_ = [f"--{k}={cli_value(v)}" for k, v in point.items() if k.startswith(CONFIG_PREFIX)]
         flags_ += global_overrides
-        config = _validated_config(config_flag, flags_, where)
+        config = _validated_config(config_flag, flags_, where, set(global_overrides))
         total_steps = config.get("total_steps")
         if not isinstance(total_steps, int) or total_steps < 1:
             raise ValueError(f"{where}: config.total_steps must be a positive int to tell when the "
@@ -296,8 +296,8 @@ def _flag_key(flag: str) -> str:
     return flag[2:].partition("=")[0]
 
 
-def _validated_config(config_flag: str, override_flags: list[str], where: str
-                      ) -> ml_collections.ConfigDict:
+def _validated_config(config_flag: str, override_flags: list[str], where: str,
+                      global_overrides: set[str]) -> ml_collections.ConfigDict:
     """Loads the point's config with its overrides; errors name the key and the valid keys."""
     try:
         return load_config(config_flag, override_flags)
@@ -305,17 +305,19 @@ def _validated_config(config_flag: str, override_flags: list[str], where: str
         detail = f"{type(e).__name__}: {e}"
     bad = _first_bad_override(config_flag, override_flags)
     if bad is not None:
-        raise ValueError(f"{where}: {bad}") from None
+        flag, message = bad
+        origin = " (given on the command line, for every point)" if flag in global_overrides else ""
+        raise ValueError(f"{where}: {message}{origin}") from None
     raise ValueError(f"{where}: config {config_flag!r} with overrides {override_flags} does not "
                      f"load: {detail}") from None
 
 
-def _first_bad_override(config_flag: str, override_flags: list[str]) -> str | None:
-    """Names the override that breaks the config (unknown key or bad value), or None."""
+def _first_bad_override(config_flag: str, override_flags: list[str]) -> tuple[str, str] | None:
+    """(flag, what is wrong) for the override that breaks the config, or None."""
     try:
         base = load_config(config_flag, [])
-    except Exception as e:  # the config itself fails: the caller reports that
-        return f"config {config_flag!r} does not load: {type(e).__name__}: {e}"
+    except Exception as e:  # the config itself fails, whatever the overrides
+        return "", f"config {config_flag!r} does not load: {type(e).__name__}: {e}"
     for flag in override_flags:
         key = _flag_key(flag)
         node: Any = base
@@ -324,11 +326,11 @@ def _first_bad_override(config_flag: str, override_flags: list[str]) -> str | No
             if not isinstance(node, ml_collections.ConfigDict) or part not in node:
                 parent = "config" + "".join("." + p for p in parts[:depth])
                 valid = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
-                return (f"unknown config key {key!r} in {flag!r}: {parent} has no field {part!r}; "
-                        f"valid fields of {parent}: {valid}")
+                return flag, (f"unknown config key {key!r} in {flag!r}: {parent} has no field "
+                              f"{part!r}; valid fields of {parent}: {valid}")
             node = node[part]
         try:
             load_config(config_flag, [flag])
         except Exception as e:
-            return f"bad value in {flag!r}: {type(e).__name__}: {e}"
+            return flag, f"bad value in {flag!r}: {type(e).__name__}: {e}"
     return None

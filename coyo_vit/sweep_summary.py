@@ -18,6 +18,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 METRICS_FILE = "metrics.jsonl"
+# checkpoints.orbax_io's layout (WORKDIR/checkpoints/<step>/{state,meta}), spelled out here so the
+# sweep CLI does not import jax and orbax just to list directories; a test keeps them equal.
+CHECKPOINT_SUBDIR, STATE_ITEM, META_ITEM = "checkpoints", "state", "meta"
 MODES = ("max", "min")
 
 
@@ -47,8 +50,6 @@ def latest_checkpoint_step(workdir: str) -> int | None:
     Complete = a `<step>/` directory holding both items; orbax writes a step under a temporary
     name and renames it when done, so a half-written step is never counted.
     """
-    from checkpoints.orbax_io import CHECKPOINT_SUBDIR, META_ITEM, STATE_ITEM
-
     directory = os.path.join(workdir, CHECKPOINT_SUBDIR)
     if not os.path.isdir(directory):
         return None
