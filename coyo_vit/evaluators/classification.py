@@ -134,19 +134,33 @@ def check_top_k(top_k: Any, name: str, field: str = "top_k") -> tuple[int, ...]:
     return ks
 
 
-class ClassificationEvaluator:
-    """Top-k accuracy of the integer `label` and the mean loss over one eval split."""
+class EvalSection:
+    """What every configured evaluator shares: its name, cadence, data, pp and batch split.
 
-    KEYS = COMMON_KEYS + ("top_k",)
+    Subclasses list their own extra keys in KEYS; an unknown key in the section is an error.
+    """
 
-    def __init__(self, name: str, config: Any, *, model: nn.Module, mesh: Mesh,
-                 params_shardings: Any, loss_fn: LossFn):
+    KEYS: tuple[str, ...] = COMMON_KEYS
+
+    def __init__(self, name: str, config: Any, mesh: Mesh):
         cfg = as_dict(config)
         require_known_keys(cfg, self.KEYS, f"evals.{name}")
         self.name = name
         self.every_steps = check_every_steps(cfg.get("every_steps", 0), name)
         self._data, self._pp = require(cfg, "data", name), require(cfg, "pp", name)
         self._local_batch = local_batch_size(cfg.get("batch_size"), mesh, name)
+        self._cfg = cfg
+
+
+class ClassificationEvaluator(EvalSection):
+    """Top-k accuracy of the integer `label` and the mean loss over one eval split."""
+
+    KEYS = COMMON_KEYS + ("top_k",)
+
+    def __init__(self, name: str, config: Any, *, model: nn.Module, mesh: Mesh,
+                 params_shardings: Any, loss_fn: LossFn):
+        super().__init__(name, config, mesh)
+        cfg = self._cfg
         self._top_k = check_top_k(cfg.get("top_k", (1, 5)), name)
 
         def fn(params, batch):

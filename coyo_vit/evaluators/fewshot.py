@@ -28,16 +28,13 @@ import numpy as np
 from flax import linen as nn
 from jax.sharding import Mesh
 
-from coyo_vit.config_keys import require_known_keys
 from coyo_vit.evaluators import metric_math
-from coyo_vit.evaluators.classification import (COMMON_KEYS, GatheredPass, LossFn, as_dict,
-                                                check_every_steps, check_top_k, local_batch_size,
-                                                local_eval_batches, require)
+from coyo_vit.evaluators.classification import (COMMON_KEYS, EvalSection, GatheredPass, LossFn, check_top_k, local_eval_batches, require)
 
 log = logging.getLogger(__name__)
 
 
-class FewshotEvaluator:
+class FewshotEvaluator(EvalSection):
     """k-shot ridge-regression probe accuracy for each k in `shots`."""
 
     KEYS = COMMON_KEYS + ("test_split", "num_classes", "shots", "l2_reg", "max_train_examples")
@@ -45,17 +42,13 @@ class FewshotEvaluator:
     def __init__(self, name: str, config: Any, *, model: nn.Module, mesh: Mesh,
                  params_shardings: Any, loss_fn: LossFn | None = None):
         del loss_fn
-        cfg = as_dict(config)
-        require_known_keys(cfg, self.KEYS, f"evals.{name}")
-        self.name = name
-        self.every_steps = check_every_steps(cfg.get("every_steps", 0), name)
-        self._data, self._pp = require(cfg, "data", name), require(cfg, "pp", name)
+        super().__init__(name, config, mesh)
+        cfg = self._cfg
         self._test_split = require(cfg, "test_split", name)
         self._num_classes = require(cfg, "num_classes", name)
         if not isinstance(self._num_classes, int) or self._num_classes < 2:
             raise ValueError(f"config.evals.{name}.num_classes must be an int >= 2, "
                              f"got {self._num_classes!r}")
-        self._local_batch = local_batch_size(cfg.get("batch_size"), mesh, name)
         self._shots = tuple(sorted(check_top_k(cfg.get("shots", (1, 5, 10, 25)), name, "shots")))
         self._l2_reg = float(cfg.get("l2_reg", 1.0))
         if self._l2_reg < 0:

@@ -29,10 +29,7 @@ from flax import linen as nn
 from jax.sharding import Mesh
 
 from coyo_vit.evaluators import metric_math
-from coyo_vit.evaluators.classification import (COMMON_KEYS, GatheredPass, LossFn, as_dict,
-                                                check_every_steps, check_top_k, local_batch_size,
-                                                local_eval_batches, require)
-from coyo_vit.config_keys import require_known_keys
+from coyo_vit.evaluators.classification import (COMMON_KEYS, EvalSection, GatheredPass, LossFn, check_top_k, local_eval_batches)
 
 NUM_21K = 21841
 NUM_1K = 1000
@@ -70,7 +67,7 @@ def select_1k_logits(logits21k: jax.Array, index21k: np.ndarray) -> jax.Array:
     return jnp.where(jnp.asarray(index21k >= 0), picked, -jnp.inf)
 
 
-class Imagenet1kFrom21kEvaluator:
+class Imagenet1kFrom21kEvaluator(EvalSection):
     """Top-k accuracy on ImageNet-1k labels of a 21,841-class model (see the module docstring)."""
 
     KEYS = COMMON_KEYS + ("top_k", "mapping_path")
@@ -78,12 +75,8 @@ class Imagenet1kFrom21kEvaluator:
     def __init__(self, name: str, config: Any, *, model: nn.Module, mesh: Mesh,
                  params_shardings: Any, loss_fn: LossFn | None = None):
         del loss_fn  # the training loss is over 21k classes; there is no 1k loss to report
-        cfg = as_dict(config)
-        require_known_keys(cfg, self.KEYS, f"evals.{name}")
-        self.name = name
-        self.every_steps = check_every_steps(cfg.get("every_steps", 0), name)
-        self._data, self._pp = require(cfg, "data", name), require(cfg, "pp", name)
-        self._local_batch = local_batch_size(cfg.get("batch_size"), mesh, name)
+        super().__init__(name, config, mesh)
+        cfg = self._cfg
         self._top_k = check_top_k(cfg.get("top_k", (1, 5)), name)
         index21k = load_index21k(cfg.get("mapping_path"))
 

@@ -35,28 +35,21 @@ import numpy as np
 from flax import linen as nn
 from jax.sharding import Mesh
 
-from coyo_vit.config_keys import require_known_keys
 from coyo_vit.evaluators import metric_math
-from coyo_vit.evaluators.classification import (COMMON_KEYS, GatheredPass, LossFn, as_dict,
-                                                check_classes, check_every_steps, local_batch_size,
-                                                local_eval_batches, require)
+from coyo_vit.evaluators.classification import (COMMON_KEYS, EvalSection, GatheredPass, LossFn, as_dict, check_classes, local_eval_batches)
 
 SPLITS = ("holdout", "all")
 
 
-class MultilabelEvaluator:
+class MultilabelEvaluator(EvalSection):
     """prec@1, mAP, micro/macro F1 and loss over a multi-label eval split."""
 
     KEYS = COMMON_KEYS + ("holdout", "split", "threshold", "map")
 
     def __init__(self, name: str, config: Any, *, model: nn.Module, mesh: Mesh,
                  params_shardings: Any, loss_fn: LossFn):
-        cfg = as_dict(config)
-        require_known_keys(cfg, self.KEYS, f"evals.{name}")
-        self.name = name
-        self.every_steps = check_every_steps(cfg.get("every_steps", 0), name)
-        self._data, self._pp = require(cfg, "data", name), require(cfg, "pp", name)
-        self._local_batch = local_batch_size(cfg.get("batch_size"), mesh, name)
+        super().__init__(name, config, mesh)
+        cfg = self._cfg
         self._holdout = cfg.get("holdout")
         self._split = cfg.get("split", "holdout" if self._holdout else None)
         if self._split is not None and self._split not in SPLITS and not self._is_classification():

@@ -29,11 +29,8 @@ import numpy as np
 from flax import linen as nn
 from jax.sharding import Mesh
 
-from coyo_vit.config_keys import require_known_keys
 from coyo_vit.evaluators import metric_math
-from coyo_vit.evaluators.classification import (COMMON_KEYS, GatheredPass, LossFn, as_dict,
-                                                check_every_steps, local_batch_size,
-                                                local_eval_batches, require)
+from coyo_vit.evaluators.classification import (COMMON_KEYS, EvalSection, GatheredPass, LossFn, local_eval_batches)
 from coyo_vit.evaluators.imagenet_from_21k import load_index21k, select_1k_logits
 
 LABELS_FILE = "imagenet_real_labels.json"
@@ -58,7 +55,7 @@ def load_real_labels(path: str | Path | None = None) -> list[list[int]]:
     return labels
 
 
-class RealEvaluator:
+class RealEvaluator(EvalSection):
     """ReaL top-1 over the evaluated images that have ReaL labels (see the module docstring)."""
 
     KEYS = COMMON_KEYS + ("labels_path", "from_21k", "mapping_path")
@@ -66,12 +63,8 @@ class RealEvaluator:
     def __init__(self, name: str, config: Any, *, model: nn.Module, mesh: Mesh,
                  params_shardings: Any, loss_fn: LossFn | None = None):
         del loss_fn
-        cfg = as_dict(config)
-        require_known_keys(cfg, self.KEYS, f"evals.{name}")
-        self.name = name
-        self.every_steps = check_every_steps(cfg.get("every_steps", 0), name)
-        self._data, self._pp = require(cfg, "data", name), require(cfg, "pp", name)
-        self._local_batch = local_batch_size(cfg.get("batch_size"), mesh, name)
+        super().__init__(name, config, mesh)
+        cfg = self._cfg
         self._labels = load_real_labels(cfg.get("labels_path"))
         index21k = load_index21k(cfg.get("mapping_path")) if cfg.get("from_21k") else None
 
