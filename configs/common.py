@@ -19,6 +19,8 @@ def input_config(*, files: str, pp_train: str, pp_eval: str, shuffle_buffer: int
         num_parallel_calls=-1,                    # -1 = tf.data AUTOTUNE
         prefetch=4,                               # batches prefetched by tf.data
         ram_budget_gb=None,
+        exclude_keys_file=None,                   # keys/urls never to train on (decontamination)
+        strict=False,                             # True: stop at the first damaged record
     ))
 
 

@@ -10,16 +10,25 @@ Keep `data.files`, `holdout`, `shuffle_buffer` and `cycle_length` fixed across a
 define the stream. `num_parallel_calls`, `prefetch` and `ram_budget_gb` do not. The shuffle
 buffer holds serialized records (tens of KB each for img2dataset's 512px shards), shuffled
 before decoding as in big_vision; examples do not cross epochs in the buffer.
+
+Damaged data never stops training and never becomes a wrong target: every raw record either
+trains or is skipped for a reason from `damage.SKIP_REASONS` (a JPEG that does not decode, a
+truncated or corrupt TFRecord file, labels outside the class range, a listed key from
+`exclude_keys_file`, ...). Skips leave gaps in `_index`; with `skip_counts=True` each batch also
+carries `_skipped`, the per-reason counts so far (see `SkipCounter`). With `strict=True` the first
+damaged record stops the pipeline with an error naming the reason, the file and the record.
+Files, `exclude_keys_file` and `strict` join the settings to keep fixed across a resume.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
+import numpy as np
 import tensorflow as tf
 
-from input_pipeline import pp_parser, sources
+from input_pipeline import damage, pp_parser, sources
 
 _INT64_MAX = 2**63 - 1
 # Constants folded into the seed so each use of randomness gets its own stream.
@@ -41,13 +50,16 @@ class InputConfig:
     num_parallel_calls: int = -1
     prefetch: int = 2
     ram_budget_gb: float | None = None
+    exclude_keys_file: str | None = None  # records to leave out (decontaminate's output)
+    strict: bool = False                  # stop at the first damaged record instead of skipping
 
     @classmethod
     def from_config(cls, config: Any) -> "InputConfig":
         """Reads an ml_collections ConfigDict or a dict; unknown keys are errors."""
         values = _as_dict(config, "input config")
         _check_keys(values, {"data", "holdout", "pp_train", "pp_eval", "shuffle_buffer",
-                             "cycle_length", "num_parallel_calls", "prefetch", "ram_budget_gb"},
+                             "cycle_length", "num_parallel_calls", "prefetch", "ram_budget_gb",
+                             "exclude_keys_file", "strict"},
                     "input config")
         data = _as_dict(values.pop("data", None), "input config 'data'")
         _check_keys(data, {"files"}, "input config 'data'")
@@ -76,15 +88,23 @@ class InputConfig:
                 isinstance(self.ram_budget_gb, (int, float)) and self.ram_budget_gb > 0):
             raise ValueError(f"ram_budget_gb must be a positive number or None, "
                              f"got {self.ram_budget_gb!r}")
+        if not isinstance(self.strict, bool):
+            raise ValueError(f"strict must be True or False, got {self.strict!r}")
+        if self.exclude_keys_file is not None and not (
+                isinstance(self.exclude_keys_file, str) and self.exclude_keys_file):
+            raise ValueError(f"exclude_keys_file must be a path or None, got "
+                             f"{self.exclude_keys_file!r}")
 
 
 def build_train_dataset(input_config: Any, *, batch_size: int, seed: int, process_index: int = 0,
-                        process_count: int = 1, start_position: int = 0) -> tf.data.Dataset:
+                        process_count: int = 1, start_position: int = 0,
+                        skip_counts: bool = False) -> tf.data.Dataset:
     """Endless batches {image f32 [b,H,W,3], labels f32 [b,C], _index int64 [b]} for this process.
 
     `_index` counts raw records of this process's stream, so max(_index) + 1 of the last batch a
-    trainer consumed is the `start_position` that resumes right after it (records dropped for
-    decode errors or empty labels just leave gaps).
+    trainer consumed is the `start_position` that resumes right after it (skipped records just
+    leave gaps). With `skip_counts`, batches also hold `_skipped` int64 [b, len(SKIP_REASONS)]:
+    row i counts, per reason, the records skipped since `start_position` up to example i.
     """
     cfg = InputConfig.from_config(input_config)
     if not cfg.pp_train:
@@ -107,19 +127,16 @@ def build_train_dataset(input_config: Any, *, batch_size: int, seed: int, proces
         raise ValueError(f"all training files of process {process_index} are empty: {mine}")
 
     base_seed = tf.constant([seed, process_index], tf.int64)
-    preprocess = pp_parser.parse(cfg.pp_train)
-
-    def process_record(index: tf.Tensor, serialized: tf.Tensor) -> dict[str, tf.Tensor]:
-        features = sources.parse_example(serialized)
-        features["rng"] = tf.random.experimental.stateless_fold_in(base_seed, index)
-        out = _model_inputs(preprocess(features), "pp_train")
-        out["_index"] = index
-        return out
-
-    ds = _raw_train_stream(mine, base_seed, cfg, start_position)
-    ds = ds.map(process_record, num_parallel_calls=cfg.num_parallel_calls, deterministic=True)
-    ds = ds.ignore_errors()  # undecodable images, bad label lists: drop the record, keep going
-    ds = ds.filter(lambda ex: ex["_keep"]).map(_without("_keep"))
+    process = _record_processor(pp_parser.parse(cfg.pp_train), "pp_train", _exclusion(cfg),
+                                cfg.strict, base_seed)
+    raw, start_epoch = _raw_train_stream(mine, base_seed, cfg, start_position)
+    ds = raw.map(process, num_parallel_calls=cfg.num_parallel_calls, deterministic=True)
+    if not cfg.strict:
+        ds = ds.ignore_errors()  # every failure already has a reason; this is only a safety net
+    ds = ds.scan(_SkipScan.initial(start_epoch), _SkipScan.step)
+    ds = ds.filter(lambda ex: tf.equal(ex["_reason"], 0))
+    dropped = {"_reason", "_epoch"} | (set() if skip_counts else {"_skipped"})
+    ds = ds.map(lambda ex: {k: v for k, v in ex.items() if k not in dropped})
     ds = ds.batch(batch_size, drop_remainder=True)
     return ds.prefetch(cfg.prefetch).with_options(_options(cfg))
 
@@ -131,10 +148,10 @@ def build_eval_dataset(input_config: Any, *, split: str = "holdout", batch_size:
     Records are dealt round-robin to processes (record i goes to process i % process_count), so
     shares differ by at most one record. Every process yields the same number of batches,
     ceil(ceil(N / process_count) / batch_size) for N records (counted from the TFRecord headers),
-    topping up with all-masked batches; records that fail to decode are dropped and show up as
-    padding. Images whose labels op sets `_keep` False are masked, not dropped. Note that each
-    process reads (not decodes) every record of the split, which suits held-out sets; split="all"
-    is meant for small datasets.
+    topping up with all-masked batches; skipped records (damaged or excluded) are dropped and show
+    up as padding, or stop the pipeline in strict mode. Images whose label mode keeps no label are
+    masked, not dropped. Note that each process reads (not decodes) every record of the split,
+    which suits held-out sets; split="all" is meant for small datasets.
     """
     cfg = InputConfig.from_config(input_config)
     if not cfg.pp_eval:
@@ -153,26 +170,78 @@ def build_eval_dataset(input_config: Any, *, split: str = "holdout", batch_size:
         eval_sources = [sources.FileSlice(f) for f in files]
     else:
         raise ValueError(f"unknown eval split {split!r}; valid: {', '.join(_EVAL_SPLITS)}")
-    total = sources.count_records(eval_sources)
+    total = sources.count_records(eval_sources, allow_damaged=not cfg.strict)
     if total == 0:
         raise ValueError(f"eval split {split!r} has no records in {len(eval_sources)} files")
     num_batches = math.ceil(math.ceil(total / process_count) / batch_size)
 
-    preprocess = pp_parser.parse(cfg.pp_eval)
+    process = _record_processor(pp_parser.parse(cfg.pp_eval), "pp_eval", _exclusion(cfg),
+                                cfg.strict)
+    no_positive = damage.code("no_positive_label")
 
-    def process_record(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
-        out = _model_inputs(preprocess(sources.parse_example(serialized)), "pp_eval")
-        out["_mask"] = out.pop("_keep")
-        return out
+    def to_eval(ex: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        return {"image": ex["image"], "labels": ex["labels"],
+                "_mask": tf.equal(ex["_reason"], 0)}
 
     ds = _read_slices(eval_sources, cfg)
     ds = ds.shard(process_count, process_index)
-    ds = ds.map(process_record, num_parallel_calls=cfg.num_parallel_calls, deterministic=True)
-    ds = ds.ignore_errors()
+    ds = ds.map(process, num_parallel_calls=cfg.num_parallel_calls, deterministic=True)
+    if not cfg.strict:
+        ds = ds.ignore_errors()
+    ds = ds.filter(lambda ex: tf.logical_or(tf.equal(ex["_reason"], 0),
+                                            tf.equal(ex["_reason"], no_positive)))
+    ds = ds.map(to_eval)
     ds = ds.batch(batch_size).map(lambda b: _pad_batch(b, batch_size))
     empty = tf.nest.map_structure(lambda s: tf.zeros(s.shape, s.dtype), ds.element_spec)
     ds = ds.concatenate(tf.data.Dataset.from_tensors(empty).repeat()).take(num_batches)
     return ds.prefetch(cfg.prefetch).with_options(_options(cfg))
+
+
+class SkipCounter:
+    """Per-reason totals of skipped training records, across resumes: the trainer's hook.
+
+    Build the train dataset with `skip_counts=True` and the same `start_position`, call
+    `update(host_batch)` for every batch consumed; `totals()` goes into the checkpoint metadata
+    and back into `SkipCounter(position, restored)` on resume, `scalars()` into the metric writer.
+    Reasons are `damage.SKIP_REASONS` plus `unreadable`: records that are not a tf.Example or whose
+    image does not decode, found as the `_index` gaps the other counts do not explain. Counts are
+    exact: a record skipped after a batch's last example is counted with the next batch, and a
+    resumed run reads it again from `start_position`.
+    """
+
+    REASONS = damage.SKIP_REASONS + ("unreadable",)
+
+    def __init__(self, start_position: int = 0, restored: Mapping[str, int] | None = None):
+        _check_int(start_position, "start_position", 0)
+        unknown = sorted(set(restored or {}) - set(self.REASONS))
+        if unknown:
+            raise ValueError(f"restored skip counts have unknown reasons {unknown}; valid: "
+                             f"{', '.join(self.REASONS)}")
+        self._restored = {r: int((restored or {}).get(r, 0)) for r in self.REASONS}
+        self._start = start_position
+        self._position = start_position
+        self._examples = 0
+        self._counted = np.zeros(len(damage.SKIP_REASONS), np.int64)
+
+    def update(self, host_batch: Mapping[str, np.ndarray]) -> None:
+        """Takes in a consumed batch of a dataset built with skip_counts=True."""
+        if "_skipped" not in host_batch or "_index" not in host_batch:
+            raise KeyError("batch needs '_skipped' and '_index': build the train dataset with "
+                           "skip_counts=True")
+        index = np.asarray(host_batch["_index"])
+        self._examples += len(index)
+        self._position = int(index.max()) + 1
+        self._counted = np.asarray(host_batch["_skipped"])[-1].astype(np.int64)
+
+    def totals(self) -> dict[str, int]:
+        """Records skipped per reason since the first run started (restored counts included)."""
+        counted = dict(zip(damage.SKIP_REASONS, (int(n) for n in self._counted)))
+        counted["unreadable"] = (self._position - self._start - self._examples
+                                 - int(self._counted.sum()))
+        return {r: self._restored[r] + counted[r] for r in self.REASONS}
+
+    def scalars(self, prefix: str = "data/skipped/") -> dict[str, float]:
+        return {prefix + r: float(n) for r, n in self.totals().items()}
 
 
 def count_records(files: Any) -> int:
@@ -184,8 +253,9 @@ def count_records(files: Any) -> int:
 
 
 def _raw_train_stream(mine: list[sources.FileSlice], base_seed: tf.Tensor, cfg: InputConfig,
-                      start_position: int) -> tf.data.Dataset:
-    """Endless (index, serialized record) stream, starting at raw record `start_position`."""
+                      start_position: int) -> tuple[tf.data.Dataset, int]:
+    """Endless (index, raw record dict) stream from raw record `start_position`, and its first
+    epoch. Raw records are `sources.read_file_records` dicts plus `_epoch`."""
     paths = tf.constant([s.path for s in mine])
     starts = tf.constant([s.start for s in mine], tf.int64)
     file_seed = tf.random.experimental.stateless_fold_in(base_seed, _FILE_ORDER_STREAM)
@@ -196,36 +266,178 @@ def _raw_train_stream(mine: list[sources.FileSlice], base_seed: tf.Tensor, cfg: 
             tf.range(len(mine)), tf.random.experimental.stateless_fold_in(file_seed, epoch))
         files = tf.data.Dataset.from_tensor_slices((tf.gather(paths, order),
                                                     tf.gather(starts, order)))
-        records = files.interleave(lambda path, start: tf.data.TFRecordDataset(path).skip(start),
-                                   cycle_length=min(cfg.cycle_length, len(mine)), block_length=1,
-                                   num_parallel_calls=cfg.num_parallel_calls, deterministic=True)
+        records = files.interleave(
+            lambda path, start: sources.read_file_records(path, {"_epoch": epoch}).skip(start),
+            cycle_length=min(cfg.cycle_length, len(mine)), block_length=1,
+            num_parallel_calls=cfg.num_parallel_calls, deterministic=True)
         epoch_shuffle_seed = tf.random.stateless_uniform(
             [], tf.random.experimental.stateless_fold_in(shuffle_seed, epoch), minval=None,
             maxval=None, dtype=tf.int64)
         return records.shuffle(cfg.shuffle_buffer, seed=epoch_shuffle_seed)
 
     # Whole epochs are skipped arithmetically (one header count of this process's files); only
-    # the rest of the last epoch is read through, and it is never parsed or decoded.
+    # the rest of the last epoch is read through, and it is never parsed or decoded. A damaged
+    # file counts as its good records plus one, as read_file_records yields it.
     start_epoch, skip = 0, start_position
     if start_position:
-        epoch_length = sources.count_records(mine)
+        epoch_length = sources.count_records(mine, allow_damaged=not cfg.strict)
         start_epoch, skip = divmod(start_position, epoch_length)
     ds = tf.data.Dataset.range(start_epoch, _INT64_MAX).flat_map(epoch_records)
-    return ds.enumerate(start=start_position - skip).skip(skip)
+    return ds.enumerate(start=start_position - skip).skip(skip), start_epoch
 
 
 def _read_slices(slices: list[sources.FileSlice], cfg: InputConfig) -> tf.data.Dataset:
-    """Records of each FileSlice, interleaved in a fixed order."""
+    """Raw record dicts of each FileSlice, interleaved in a fixed order."""
     paths = tf.constant([s.path for s in slices])
     starts = tf.constant([s.start for s in slices], tf.int64)
     takes = tf.constant([-1 if s.stop is None else s.stop - s.start for s in slices], tf.int64)
-
-    def read(path: tf.Tensor, start: tf.Tensor, take: tf.Tensor) -> tf.data.Dataset:
-        return tf.data.TFRecordDataset(path).skip(start).take(take)
-
     return tf.data.Dataset.from_tensor_slices((paths, starts, takes)).interleave(
-        read, cycle_length=min(cfg.cycle_length, len(slices)), block_length=1,
+        sources.read_slice, cycle_length=min(cfg.cycle_length, len(slices)), block_length=1,
         num_parallel_calls=cfg.num_parallel_calls, deterministic=True)
+
+
+def _exclusion(cfg: InputConfig) -> Callable[[dict[str, tf.Tensor]], tf.Tensor] | None:
+    """`features -> bool` for records listed in exclude_keys_file, or None without a list."""
+    if cfg.exclude_keys_file is None:
+        return None
+    if not tf.io.gfile.exists(cfg.exclude_keys_file):
+        raise FileNotFoundError(f"input.exclude_keys_file {cfg.exclude_keys_file!r} does not exist")
+    field, values = sources.read_exclusion_list(cfg.exclude_keys_file)
+    if not values:
+        return None
+    table = tf.lookup.StaticHashTable(
+        tf.lookup.KeyValueTensorInitializer(tf.constant(values, tf.string),
+                                            tf.ones([len(values)], tf.int64)), default_value=0)
+    return lambda features: tf.equal(table.lookup(features[field]), 1)
+
+
+def _record_processor(preprocess: Callable, pp_name: str,
+                      excluded: Callable[[dict[str, tf.Tensor]], tf.Tensor] | None, strict: bool,
+                      base_seed: tf.Tensor | None = None) -> Callable:
+    """Maps a raw record to {image, labels, _reason, ...}.
+
+    `_reason` is 0 for a usable example, else the code of the first problem found (damage.py):
+    a damaged file, an excluded key, missing or non-image bytes, bad label lists (all checked
+    without running the pp, which is skipped for them), or a label mode that keeps no label.
+    `image` and `labels` are zeros when skipped. With `base_seed`, random pp ops get their seed
+    from (base_seed, index).
+
+    Two failures can only be found by trying: a record that is not a tf.Example, and image bytes
+    that do not decode. By default they raise, and the caller's ignore_errors drops them (they show
+    as `_index` gaps not covered by `_skipped`: SkipCounter reports them as `unreadable`). In strict
+    mode each try is isolated (damage.try_apply, about 1 ms a record) so the error can name the
+    file and record; strict mode then fails on every damage reason.
+    """
+    def model_inputs(features: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        return _model_inputs(preprocess(features), pp_name)
+
+    # Plain TF ops and Python-level ifs only: AutoGraph would just re-transpile it on every build.
+    @tf.autograph.experimental.do_not_convert
+    def process(*args: Any) -> dict[str, tf.Tensor]:
+        index, raw = args if len(args) == 2 else (None, args[0])
+        if strict:
+            parsed, features = damage.try_apply(sources.parse_example, raw["_serialized"])
+        else:
+            parsed, features = tf.constant(True), sources.parse_example(raw["_serialized"])
+        data = features["jpg"]
+        reason = damage.first_reason([
+            (raw["_damaged"], "damaged_file"),
+            (tf.logical_not(parsed), "not_an_example"),
+            (excluded(features) if excluded else tf.constant(False), "excluded"),
+            (tf.equal(tf.strings.length(data), 0), "no_image"),
+            (tf.logical_not(damage.looks_like_image(data)), "not_an_image"),
+            *damage.label_conditions(features["labels"], features["label_probs"]),
+        ])
+        if index is not None:
+            features["rng"] = tf.random.experimental.stateless_fold_in(base_seed, index)
+        usable = tf.equal(reason, 0)
+        if strict:
+            ran, out = damage.try_apply(model_inputs, features, run=usable)
+        else:
+            ran = tf.constant(True)
+            traced: dict[str, Any] = {}
+
+            def run() -> dict[str, tf.Tensor]:
+                traced["out"] = model_inputs(features)
+                return traced["out"]
+
+            def skip() -> dict[str, tf.Tensor]:  # traced after run(): zeros of its shapes
+                return tf.nest.map_structure(lambda t: tf.zeros(t.shape, t.dtype), traced["out"])
+
+            out = tf.cond(usable, run, skip)
+        reason = tf.where(usable, damage.first_reason([
+            (tf.logical_not(ran), "undecodable_image"),
+            (tf.logical_not(out["_keep"]), "no_positive_label")]), reason)
+        if strict:
+            reason = _assert_not_damaged(reason, raw)
+        result = {"image": out["image"], "labels": out["labels"], "_reason": reason}
+        if index is not None:
+            result.update(_index=index, _epoch=raw["_epoch"])
+        return result
+
+    return process
+
+
+def _assert_not_damaged(reason: tf.Tensor, raw: dict[str, tf.Tensor]) -> tf.Tensor:
+    """Strict mode: fails on a damaged record, naming the reason, the file and the record."""
+    allowed = [0] + [damage.code(r) for r in damage.NOT_DAMAGE]
+    ok = tf.reduce_any(tf.equal(reason, tf.constant(allowed, tf.int32)))
+
+    def fail() -> tf.Tensor:
+        message = tf.strings.join([
+            "input.strict: ", damage.reason_name(reason), " in ", raw["_path"], " record ",
+            tf.strings.as_string(raw["_record"]), " (run python -m input_pipeline.validate_shards "
+            "on the file; set input.strict=False to skip and count such records)"])
+        with tf.control_dependencies([tf.debugging.Assert(False, [message])]):
+            return tf.identity(reason)
+
+    return tf.cond(ok, lambda: reason, fail)
+
+
+class _SkipScan:
+    """tf.data scan state: cumulative skips per reason, and a guard against an all-skip stream.
+
+    Without the guard, a stream in which every record is skipped (shards without labels, a
+    threshold no label reaches) would spin forever on the endless repeat, looking like a hang.
+    A whole epoch (not the first, possibly partial, one) without an example is an error instead.
+    """
+
+    @staticmethod
+    def initial(start_epoch: int) -> tuple[tf.Tensor, ...]:
+        return (tf.zeros([len(damage.SKIP_REASONS)], tf.int64),    # skips since start
+                tf.constant(start_epoch, tf.int64),                 # epoch of the last record
+                tf.constant(start_epoch, tf.int64),                 # first (partial) epoch
+                tf.constant(0, tf.int64))                           # examples in that epoch
+
+    @staticmethod
+    @tf.autograph.experimental.do_not_convert
+    def step(state: tuple[tf.Tensor, ...], ex: dict[str, tf.Tensor]
+             ) -> tuple[tuple[tf.Tensor, ...], dict[str, tf.Tensor]]:
+        counts, epoch, first_epoch, kept = state
+        new_epoch = tf.not_equal(ex["_epoch"], epoch)
+        empty_epoch = new_epoch & tf.not_equal(epoch, first_epoch) & tf.equal(kept, 0)
+
+        def fail() -> tf.Tensor:  # in a cond, so the message is only built when it is needed
+            summary = tf.strings.reduce_join(tf.strings.join(
+                [tf.constant(list(damage.SKIP_REASONS)), tf.strings.as_string(counts)], "="),
+                separator=", ")
+            message = tf.strings.join([
+                "input: a whole epoch of this process's training records gave no example. "
+                "Records skipped so far by reason: ", summary, ". Shards without labels need "
+                "python -m input_pipeline.join_labels; otherwise check the label mode and run "
+                "python -m input_pipeline.validate_shards"])
+            with tf.control_dependencies([tf.debugging.Assert(False, [message])]):
+                return tf.zeros([], tf.int64)
+
+        guard = tf.cond(empty_epoch, fail, lambda: tf.zeros([], tf.int64))
+        is_skip = tf.not_equal(ex["_reason"], 0)
+        # one_hot of -1 is all zeros: usable examples add nothing. `guard` is 0; adding it makes
+        # the check run before any count is reported.
+        counts = counts + tf.one_hot(ex["_reason"] - 1, len(damage.SKIP_REASONS),
+                                     dtype=tf.int64) + guard
+        kept = tf.where(new_epoch, tf.constant(0, tf.int64), kept) + tf.cast(
+            tf.logical_not(is_skip), tf.int64)
+        return (counts, ex["_epoch"], first_epoch, kept), {**ex, "_skipped": counts}
 
 
 def _model_inputs(features: dict[str, tf.Tensor], pp_name: str) -> dict[str, tf.Tensor]:
@@ -253,10 +465,6 @@ def _pad_batch(batch: dict[str, tf.Tensor], batch_size: int) -> dict[str, tf.Ten
         padded[name] = tf.pad(value, paddings, constant_values=tf.zeros([], value.dtype))
         padded[name].set_shape([batch_size] + value.shape[1:].as_list())
     return padded
-
-
-def _without(key: str):
-    return lambda ex: {k: v for k, v in ex.items() if k != key}
 
 
 def _options(cfg: InputConfig) -> tf.data.Options:

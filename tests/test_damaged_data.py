@@ -167,6 +167,25 @@ def test_training_skips_each_bad_record_and_counts_it_by_reason(damaged):
         expected[coarse] = expected.get(coarse, 0) + 1
     assert _nonzero(counter.totals()) == expected
     assert counter.scalars()["data/skipped/no_labels"] == 2.0
+    # The trainer's cheap count, the `_index` gaps, is the same total.
+    gaps = int(batches[-1]["_index"][0]) + 1 - len(batches)
+    assert sum(counter.totals().values()) == gaps == len(RECORD_CASES)
+
+
+def test_skip_counts_survive_a_resume_exactly(damaged):
+    config = _config(damaged["files"]["mixed"])
+    total = len(damaged["mixed_good_keys"])
+    _, uninterrupted = _train(config, total)
+    first, before = _train(config, 3)
+    position = int(first[-1]["_index"][0]) + 1
+    ds = pipeline.build_train_dataset(config, batch_size=1, seed=0, skip_counts=True,
+                                      start_position=position)
+    after = pipeline.SkipCounter(position, restored=before.totals())
+    for batch in ds.take(total - 3).as_numpy_iterator():
+        after.update(batch)
+    assert after.totals() == uninterrupted.totals()
+    with pytest.raises(ValueError, match=r"unknown reasons \['bad_reason'\]"):
+        pipeline.SkipCounter(0, restored={"bad_reason": 1})
 
 
 @pytest.mark.parametrize("name", [c[0] for c in FILE_CASES])

@@ -1,8 +1,10 @@
-"""input_pipeline.stats against an independent, plain-Python count of the same rows."""
+"""input_pipeline.stats against an independent, plain-Python count of the same rows, and
+input_pipeline.join_labels (the other metadata-parquet tool) restoring labels exactly."""
 from __future__ import annotations
 
 import collections
 import json
+import shutil
 import statistics
 from pathlib import Path
 
@@ -10,8 +12,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import tensorflow as tf
 
-from input_pipeline import stats
+from input_pipeline import join_labels, sources, stats
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "coyo_shards"
 SHARDS = FIXTURES / "shards"
@@ -116,7 +119,7 @@ def test_broken_label_rows_are_counted_and_left_out(tmp_path):
 def test_cli_prints_the_threshold_table_and_writes_json_and_plots(tmp_path, capsys):
     args = [str(SHARDS), "--json", str(tmp_path / "stats.json"), "--no_progress"]
     try:
-        import matplotlib  # noqa: F401
+        import matplotlib  # noqa: F401  (optional: the plots need it)
         has_matplotlib = True
     except ImportError:
         has_matplotlib = False
@@ -140,3 +143,78 @@ def test_cli_prints_the_threshold_table_and_writes_json_and_plots(tmp_path, caps
 def test_progress_reports_rows_per_second(capsys):
     stats.compute([str(METADATA)], progress=True)
     assert "243 rows in" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ join_labels (metadata tool)
+
+
+@pytest.fixture(scope="module")
+def unlabelled_shards(tmp_path_factory) -> Path:
+    """The fixture shards as img2dataset writes them without --save_additional_columns."""
+    root = tmp_path_factory.mktemp("unlabelled")
+    for path in sorted(SHARDS.glob("*.tfrecord")):
+        with tf.io.TFRecordWriter(str(root / path.name)) as writer:
+            for record in tf.data.TFRecordDataset(str(path)):
+                example = tf.train.Example.FromString(record.numpy())
+                del example.features.feature["labels"]
+                del example.features.feature["label_probs"]
+                writer.write(example.SerializeToString())
+        table = pq.read_table(path.with_suffix(".parquet")).drop_columns(["labels",
+                                                                         "label_probs"])
+        pq.write_table(table, root / f"{path.stem}.parquet")
+        shutil.copy(SHARDS / f"{path.stem}_stats.json", root)
+    return root
+
+
+def _records_by_key(directory: Path) -> dict[str, tf.train.Example]:
+    out = {}
+    for path in sorted(directory.glob("*.tfrecord")):
+        for record in tf.data.TFRecordDataset(str(path)):
+            example = tf.train.Example.FromString(record.numpy())
+            out[example.features.feature["key"].bytes_list.value[0].decode()] = example
+    return out
+
+
+def test_join_restores_every_label_exactly(unlabelled_shards, tmp_path):
+    # Tiny buckets, flushes and row groups, so the join crosses all its boundaries.
+    report = join_labels.join(sources.list_files(str(unlabelled_shards)), [str(METADATA)],
+                              str(tmp_path / "out"), bucket_rows=50, flush_rows=40,
+                              result_row_group=16)
+    assert (report.buckets, report.labelled, report.unmatched, report.shard_records) == (
+        5, 145, 0, 145)
+    original, joined = _records_by_key(SHARDS), _records_by_key(tmp_path / "out")
+    assert joined.keys() == original.keys()
+    for key, example in joined.items():
+        assert example == original[key]  # every feature, labels and float32 probs included
+    for path in sorted(SHARDS.glob("*.parquet")):
+        want = {r["key"]: r for r in pq.read_table(path).to_pylist() if r["status"] == "success"}
+        got = {r["key"]: r for r in pq.read_table(tmp_path / "out" / path.name).to_pylist()}
+        for key, row in want.items():
+            assert got[key]["labels"] == row["labels"]
+            assert np.array_equal(np.float32(got[key]["label_probs"]),
+                                  np.float32(row["label_probs"]))
+        assert (tmp_path / "out" / f"{path.stem}_stats.json").read_text() == (
+            SHARDS / f"{path.stem}_stats.json").read_text()
+
+
+def test_join_leaves_out_urls_missing_from_the_metadata_and_keeps_the_first_duplicate(
+        unlabelled_shards, tmp_path, capsys):
+    rows = pq.read_table(METADATA).to_pylist()
+    shard_urls = {r["url"] for r in _success_rows()}
+    dropped = sorted(shard_urls)[:4]
+    kept = [r for r in rows if r["url"] not in dropped]
+    first = next(r for r in kept if r["url"] in shard_urls)
+    duplicate = dict(first, labels=list(reversed(first["labels"])))  # a later, different row
+    pq.write_table(pa.Table.from_pylist(kept + [duplicate], schema=pq.read_schema(METADATA)),
+                   tmp_path / "metadata.parquet")
+    assert join_labels.main(["--shards", str(unlabelled_shards), "--metadata",
+                             str(tmp_path / "metadata.parquet"), "--output_dir",
+                             str(tmp_path / "out"), "--urls_from_records", "--no_progress"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["labelled"], report["unmatched"], report["duplicate_metadata_urls"]) == (
+        141, 4, 1)
+    original, joined = _records_by_key(SHARDS), _records_by_key(tmp_path / "out")
+    urls = {k: e.features.feature["url"].bytes_list.value[0].decode()
+            for k, e in original.items()}
+    assert sorted(urls[k] for k in set(original) - set(joined)) == dropped
+    assert all(joined[k] == original[k] for k in joined)  # the first row won
