@@ -81,9 +81,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
         logging.info("Resumed from step %d (data position %d)", latest, position)
     first_step = int(jax.device_get(state.step))
 
+    # COYO shards also say why each skipped record was skipped (classification data: counts only).
+    by_reason = getattr(data, "SkipCounter", None)
+    if by_reason is not None:
+        restored_reasons = meta.get("skipped_by_reason") if latest is not None else None
+        by_reason = by_reason(position, restored_reasons[process_index] if restored_reasons else None)
     train_data = data.build_train_dataset(
         config.input, batch_size=local_batch, seed=config.seed, process_index=process_index,
-        process_count=process_count, start_position=position)
+        process_count=process_count, start_position=position,
+        **({"skip_counts": True} if by_reason is not None else {}))
     batches = DevicePrefetcher(train_data.as_numpy_iterator(), sharding.batch_sharding(mesh),
                                depth=config.get("device_prefetch", 2))
     train_step = make_train_step(model, tx, loss_fn, shardings, sharding.batch_sharding(mesh),
@@ -106,6 +112,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
             consumed = int(host["_index"].max()) + 1
             skipped += consumed - position - local_batch  # records dropped by the pipeline (bad images)
             position = consumed
+            if by_reason is not None:
+                by_reason.update(host)
 
             stop = preemption.should_stop(step)
             save = stop or step % config.checkpoint_every_steps == 0 or step == config.total_steps
@@ -123,6 +131,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
                 scalars.update({"train/images_per_sec": rate["images_per_sec"],
                                 "train/steps_per_sec": rate["steps_per_sec"],
                                 "data/skipped_records": _sum_over_processes(skipped)})
+                if by_reason is not None:
+                    scalars.update({f"data/skipped/{reason}": float(sum(per_process))
+                                    for reason, per_process in _gather_counts(by_reason.totals()).items()})
                 logger.write(step, scalars)
                 if is_main:
                     logging.info("step %d/%d  loss %.4f  lr %.3g  %.1f img/s  ETA %s  (skipped %d bad records)",
@@ -143,6 +154,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
             if save:
                 meta = {"model": _model_kwargs(config), "step": step,
                         "data_positions": _gather_ints(position), "skipped_records": _gather_ints(skipped)}
+                if by_reason is not None:
+                    counts = _gather_counts(by_reason.totals())
+                    meta["skipped_by_reason"] = [{r: n[i] for r, n in counts.items()} for i in range(process_count)]
                 checkpointer.save(step, state.as_checkpoint(), meta)
             if stop:
                 logging.warning("Preempted: checkpoint of step %d written; exiting.", step)
@@ -190,6 +204,13 @@ def _init_params(config: ml_collections.ConfigDict, model: Model) -> Any:
 def _gather_ints(value: int) -> list[int]:
     """The value of every process, in process order (all processes call this together)."""
     return [int(v) for v in np.asarray(multihost_utils.process_allgather(np.int64(value))).reshape(-1)]
+
+
+def _gather_counts(counts: dict[str, int]) -> dict[str, list[int]]:
+    """Each count of every process, in process order, in one collective (all processes call it)."""
+    values = np.asarray(multihost_utils.process_allgather(np.asarray(list(counts.values()), np.int64)))
+    values = values.reshape(-1, len(counts))
+    return {reason: [int(v) for v in values[:, i]] for i, reason in enumerate(counts)}
 
 
 def _sum_over_processes(value: int) -> int:

@@ -127,6 +127,10 @@ def test_checkpoint_meta_counts_skipped_records(reference_run):
     assert meta["skipped_records"][0] == consumed - STEPS * 16
     last = [json.loads(line) for line in open(reference_run / "metrics.jsonl") if "train/loss" in line][-1]
     assert last["data/skipped_records"] == meta["skipped_records"][0]
+    # The per-reason counts explain every skipped record, and reach the logs too.
+    by_reason = meta["skipped_by_reason"][0]
+    assert sum(by_reason.values()) == meta["skipped_records"][0]
+    assert all(last[f"data/skipped/{reason}"] == n for reason, n in by_reason.items())
 
 
 def test_unknown_config_key_fails(tmp_path, demo_dir):
