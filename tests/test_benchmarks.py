@@ -73,7 +73,7 @@ def test_accelerator_runs_tiny_on_cpu(tmp_path):
 def test_train_step_workers_run_in_fresh_processes_without_tensorflow(tmp_path):
     from benchmarks import train_step
     out = tmp_path / "train_step.json"
-    train_step.main(["--variants", "", "--ablate", "", "--compile_only_variants", "Ti/16",
+    train_step.main(["--variants", "", "--ablate", "", "--compile_only_variants", "Ti/16", "--compile_repeats", "1",
                      "--compile_batch", "2", "--image_size", "32", "--num_classes", "10",
                      "--rep_size", "0", "--out", str(out)])
     result = _load(out)
@@ -92,8 +92,8 @@ def test_train_step_plan_isolates_ablations_and_compile_only_pairs():
     labels = [j.label for j in jobs]
     assert len(labels) == len(set(labels))
     assert "B/16 b8 f32 scan" in labels and "B/16 b8 bf16 unrolled" in labels
-    assert "B/16 b32 f32 unrolled remat=full" in labels
-    assert [j.config["scan"] for j in jobs if j.compile_only] == [False, True]
+    assert "B/16 b32 f32 unrolled remat=full" in labels and "B/16 b32 f32 scan remat=full" in labels
+    assert [j.config["scan"] for j in jobs if j.compile_only] == [False, True] * 3
 
 
 def test_input_pipeline_runs_tiny_configuration(tmp_path):

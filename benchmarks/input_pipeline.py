@@ -1,0 +1,268 @@
+"""Input-pipeline throughput per CPU core on img2dataset shards, against plain JPEG decoding.
+
+    python -m benchmarks.input_pipeline --out /tmp/input_pipeline.json
+    python -m benchmarks.input_pipeline --shards '/data/coyo/0000*.tfrecord' --repeat 1
+
+The shards (default: the real img2dataset fixture, 145 images, linked `--repeat` times into a
+temporary directory so one pass is long enough to time) go through, in each round:
+
+  * `decode`: read the records, parse `jpg`, full `tf.io.decode_jpeg` - the reference rate;
+  * `train`: input_pipeline.build_train_dataset with the pretraining recipe's pp_train
+    (configs/coyo_pretrain.py: crop-window JPEG decode, inception crop to 224, flip, value range,
+    21,841-class threshold labels), batched like training;
+  * `train_full_decode` (with --compare_full_decode): the same pipeline with the crop taken after
+    a full decode (`decode|inception_crop(...)`), i.e. without the crop-window optimisation;
+  * `eval`: input_pipeline.build_eval_dataset with the recipe's pp_eval (resize-small 256,
+    central crop 224) over one pass of the same records.
+
+All of them run on the same `--threads` (tf.data private thread pool, intra-op parallelism 1).
+Per core means records per CPU-second of this process (time.process_time over all its
+threads), which other processes' load barely changes, unlike wall-clock rates; wall-clock
+records/s are reported next to it. Rounds alternate the pipelines and medians are reported. Rates count RECORDS consumed per
+second (the train pipeline drops images whose labels are all below the threshold; the records
+were decoded all the same), so the train/decode ratio compares equal work. The consumer converts
+each batch to numpy as the train loop does.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from benchmarks import report
+
+FIXTURE_SHARDS = (Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "coyo_shards"
+                  / "shards" / "*.tfrecord")
+
+
+def configure_threads(threads: int) -> None:
+    """TF's global pools to `threads` (a no-op if TF already started; the per-dataset options
+    below are what bind the pipelines)."""
+    try:
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+    except RuntimeError:
+        pass
+
+
+def thread_options(threads: int) -> tf.data.Options:
+    """Runs a whole tf.data graph on `threads` threads, one per op invocation."""
+    options = tf.data.Options()
+    options.threading.private_threadpool_size = threads
+    options.threading.max_intra_op_parallelism = 1
+    return options
+
+
+def repeated_shards(pattern: str, repeat: int, directory: str) -> list[str]:
+    """Symlinks every shard `repeat` times into `directory` under distinct img2dataset-style
+    names, so a pipeline sees `repeat` x the records without copying any bytes."""
+    files = sorted(tf.io.gfile.glob(pattern))
+    if not files:
+        raise FileNotFoundError(f"no shard matches {pattern!r}")
+    if repeat == 1:
+        return files
+    out = []
+    for r in range(repeat):
+        for i, path in enumerate(files):
+            link = os.path.join(directory, f"{r * len(files) + i:05d}.tfrecord")
+            os.symlink(os.path.abspath(path), link)
+            out.append(link)
+    return out
+
+
+def count_records(files: Sequence[str]) -> int:
+    from input_pipeline import sources
+    return sources.count_records(list(files))
+
+
+def recipe_input_config(files: Sequence[str], *, image_size: int, shuffle_buffer: int,
+                        cycle_length: int, full_decode: bool = False) -> dict[str, Any]:
+    """The pretraining recipe's input section, pointed at `files`, with a benchmark-sized shuffle
+    buffer (the recipe's 250k records would hold the whole repeated fixture many times over)."""
+    from configs import coyo_pretrain
+    recipe = coyo_pretrain.get_config(f"res={image_size}")
+    config = recipe.input.to_dict()
+    config["data"] = {"files": list(files)}
+    config["holdout"] = {"files": 0, "examples": 0}
+    config["shuffle_buffer"] = shuffle_buffer
+    config["cycle_length"] = cycle_length
+    if full_decode:
+        head, rest = config["pp_train"].split("|", 1)
+        if not head.startswith("decode_jpeg_and_inception_crop("):
+            raise ValueError(f"unexpected recipe pp_train {config['pp_train']!r}")
+        config["pp_train"] = f"decode|inception_crop{head[len('decode_jpeg_and_inception_crop'):]}|{rest}"
+    return config
+
+
+def decode_dataset(files: Sequence[str], batch: int, cycle_length: int) -> tf.data.Dataset:
+    """Records -> `jpg` -> full tf.io.decode_jpeg, read like the train pipeline reads them.
+
+    Each decoded image is reduced to its size (which needs the decode to have run), so the
+    reference pays for decoding and nothing else: no resize, no batching of pixels.
+    """
+    def decode(serialized: tf.Tensor) -> tf.Tensor:
+        jpg = tf.io.parse_single_example(serialized, {"jpg": tf.io.FixedLenFeature([], tf.string)})["jpg"]
+        return tf.size(tf.io.decode_jpeg(jpg, channels=3), out_type=tf.int64)
+
+    ds = tf.data.Dataset.from_tensor_slices(list(files)).interleave(
+        tf.data.TFRecordDataset, cycle_length=min(cycle_length, len(files)), block_length=1,
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.ignore_errors()  # damaged JPEGs (real shards have some) are skipped, as in training
+    return ds.batch(batch).prefetch(2)
+
+
+def time_batches(batches: Iterator[dict[str, np.ndarray] | np.ndarray], num_batches: int,
+                 records_of: Callable[[Any], int]) -> dict[str, float]:
+    """Pulls one untimed batch (start-up, shuffle-buffer fill), then times up to `num_batches`."""
+    first = next(batches)
+    del first
+    records, images = 0, 0
+    started, cpu_started = time.perf_counter(), time.process_time()
+    for _ in range(num_batches):
+        try:
+            batch = next(batches)
+        except StopIteration:
+            break
+        records += records_of(batch)
+        images += len(batch["image"]) if isinstance(batch, dict) else len(batch)
+    seconds = time.perf_counter() - started
+    cpu_seconds = time.process_time() - cpu_started
+    return {"records": records, "images": images, "seconds": seconds, "cpu_seconds": cpu_seconds,
+            "records_per_s": records / seconds if seconds > 0 else float("nan"),
+            "records_per_cpu_s": records / cpu_seconds if cpu_seconds > 0 else float("nan")}
+
+
+def measure_round(files: list[str], args: argparse.Namespace, num_records: int) -> dict[str, dict]:
+    """One timing of each pipeline over about one pass of the (repeated) records."""
+    from input_pipeline import pipeline
+
+    options = thread_options(args.threads)
+    passes = max(num_records // args.batch - 1, 1)  # batches after the untimed first one
+    out: dict[str, dict] = {}
+
+    ds = decode_dataset(files, args.batch, args.cycle_length).with_options(options)
+    out["decode"] = time_batches(ds.as_numpy_iterator(), passes, len)
+
+    variants = [("train", False)] + ([("train_full_decode", True)] if args.compare_full_decode else [])
+    for name, full in variants:
+        config = recipe_input_config(files, image_size=args.image_size, shuffle_buffer=args.shuffle_buffer,
+                                     cycle_length=args.cycle_length, full_decode=full)
+        ds = pipeline.build_train_dataset(config, batch_size=args.batch, seed=0).with_options(options)
+        last_index = [-1]
+
+        def consumed(batch: dict[str, np.ndarray], last=last_index) -> int:
+            top = int(batch["_index"].max())
+            n, last[0] = top - last[0], top
+            return n
+
+        iterator = ds.as_numpy_iterator()
+        first = next(iterator)
+        last_index[0] = int(first["_index"].max())
+        out[name] = time_batches(_chain(first, iterator), passes, consumed)
+
+    config = recipe_input_config(files, image_size=args.image_size, shuffle_buffer=args.shuffle_buffer,
+                                 cycle_length=args.cycle_length)
+    ds = pipeline.build_eval_dataset(config, split="all", batch_size=args.batch).with_options(options)
+    out["eval"] = time_batches(ds.as_numpy_iterator(), passes,
+                               lambda b: int(np.count_nonzero(b["_mask"])) or len(b["_mask"]))
+    return out
+
+
+def _chain(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
+    """Puts back the batch that was taken to read the starting `_index`."""
+    yield first
+    yield from rest
+
+
+def summarise(rounds: list[dict[str, dict]], threads: int) -> dict[str, Any]:
+    """Median rates per pipeline, per core, and the per-round ratios to plain decoding.
+
+    Per core is records per CPU-second of this process (all its threads: tf.data's and the
+    consumer's). Unlike wall-clock rate / threads, it barely moves when other processes compete
+    for the cores, so it is the figure to compare on a shared machine; the ratios use it too.
+    """
+    names = list(rounds[0])
+    rates = {n: [r[n]["records_per_s"] for r in rounds] for n in names}
+    cpu_rates = {n: [r[n]["records_per_cpu_s"] for r in rounds] for n in names}
+    summary: dict[str, Any] = {
+        "records_per_s": {n: report.median(v) for n, v in rates.items()},
+        "records_per_s_per_thread": {n: report.median(v) / threads for n, v in rates.items()},
+        "records_per_cpu_s": {n: report.median(v) for n, v in cpu_rates.items()},
+        "records_per_s_rounds": rates,
+        "records_per_cpu_s_rounds": cpu_rates,
+    }
+    for name in names:
+        if name != "decode":
+            ratios = [r[name]["records_per_cpu_s"] / r["decode"]["records_per_cpu_s"] for r in rounds]
+            summary[f"{name}_over_decode"] = report.median(ratios)
+            summary[f"{name}_over_decode_rounds"] = ratios
+    return summary
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.input_pipeline",
+        description="Images/s per core of the pretraining and eval preprocessing on img2dataset "
+                    "shards, against plain tf.io.decode_jpeg of the same JPEGs.")
+    parser.add_argument("--shards", default=str(FIXTURE_SHARDS), help="glob of TFRecord shards")
+    parser.add_argument("--repeat", type=int, default=20,
+                        help="times each shard is repeated (symlinked) to lengthen one pass")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="tf.data threads for every pipeline; figures are divided by this")
+    parser.add_argument("--batch", type=int, default=64, help="batch size")
+    parser.add_argument("--image_size", type=int, default=224, help="training/eval resolution")
+    parser.add_argument("--shuffle_buffer", type=int, default=512, help="train shuffle buffer (records)")
+    parser.add_argument("--cycle_length", type=int, default=16, help="shards read in parallel")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; medians reported")
+    parser.add_argument("--compare_full_decode", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time the train pipeline with a full decode before the crop")
+    parser.add_argument("--out", default=None, help="write the result as JSON to this path")
+    return parser.parse_args(argv)
+
+
+COLUMNS = [("pipeline", "pipeline"), ("records_per_s", "records/s (wall)"),
+           ("per_core", "records per CPU-second"), ("over_decode", "x plain decode (per core)")]
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    for name in ("threads", "batch", "repeat", "rounds"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name} must be >= 1")
+    configure_threads(args.threads)
+    tmp = tempfile.mkdtemp(prefix="coyo_vit_pipeline_bench_")
+    try:
+        files = repeated_shards(args.shards, args.repeat, tmp)
+        num_records = count_records(files)
+        rounds = []
+        for i in range(args.rounds):
+            rounds.append(measure_round(files, args, num_records))
+            print(f"round {i + 1}/{args.rounds}: " + ", ".join(
+                f"{k} {v['records_per_cpu_s']:.1f}/CPU-s" for k, v in rounds[-1].items()), flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    summary = summarise(rounds, args.threads)
+    rows = [{"pipeline": name, "records_per_s": rate,
+             "per_core": summary["records_per_cpu_s"][name],
+             "over_decode": 1.0 if name == "decode" else summary[f"{name}_over_decode"]}
+            for name, rate in summary["records_per_s"].items()]
+    print(f"{num_records} records ({args.repeat} x {args.shards}), {args.threads} thread(s), "
+          f"batch {args.batch}, {args.image_size}px; medians of {args.rounds} rounds")
+    print(report.table(rows, COLUMNS))
+    result = {"benchmark": "input_pipeline", "settings": vars(args), "num_records": num_records,
+              **summary, "rounds": rounds}
+    report.write_json(args.out, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
