@@ -186,11 +186,12 @@ def _init_params(config: ml_collections.ConfigDict, model: Model) -> Any:
     """Parameters of `config.init` adapted to this run's head, pre-logits and resolution."""
     import checkpoints  # the format readers; TensorFlow only for coyo-vit TF checkpoints
 
+    dims = model.dims
+    # num_heads: TensorFlow's 2-D attention kernels cannot tell it; the config's model can.
     params, loaded = checkpoints.load(
         config.init, num_classes=config.num_classes, scan=model.scan, rep_size=model.representation_size,
         image_size=config.image_size, head_kernel_init=model.head_kernel_init,
-        head_bias_init=model.head_bias_init)
-    dims = model.dims
+        head_bias_init=model.head_bias_init, num_heads=dims.num_heads)
     wanted = {"patch_size": dims.patch_size, "width": dims.width, "depth": dims.depth,
               "mlp_dim": dims.mlp_dim, "num_heads": dims.num_heads, "pool_type": model.pool_type}
     mismatched = {k: (loaded.get(k), v) for k, v in wanted.items() if loaded.get(k) != v}
