@@ -55,6 +55,7 @@ class StepBench:
     image_size: int = 224
     num_classes: int = 21841
     rep_size: int | None = 1024
+    depth: int | None = None  # blocks; None = the variant's (fewer: quick smoke runs)
     dtype: str = "bfloat16"
     scan: bool = False
     remat_policy: str = "none"
@@ -87,6 +88,8 @@ def build(cfg: StepBench) -> Built:
     model_kwargs = dict(recipe.model.to_dict(), dtype=cfg.dtype, scan=cfg.scan,
                         remat_policy=cfg.remat_policy, attention_impl=cfg.attention_impl,
                         rep_size=cfg.rep_size)
+    if cfg.depth:
+        model_kwargs["depth"] = cfg.depth
     model = Model(num_classes=cfg.num_classes, **model_kwargs)
     schedule = optimizer.make_schedule(recipe.schedule, recipe.total_steps)
     tx = optimizer.make_optimizer(recipe.optimizer, schedule)
@@ -220,7 +223,8 @@ def run(cfg: StepBench, *, compile_only: bool = False, peak_flops_override: floa
     chip, peak = flops_lib.peak_flops(device.device_kind, device.platform)
     if peak_flops_override:
         chip, peak = f"{device.device_kind} (peak given)", peak_flops_override
-    shape = flops_lib.ViTShape.from_variant(cfg.variant, cfg.image_size, cfg.num_classes, cfg.rep_size)
+    shape = flops_lib.ViTShape.from_variant(cfg.variant, cfg.image_size, cfg.num_classes, cfg.rep_size,
+                                            cfg.depth)
     flops_per_step = flops_lib.train_flops_per_image(shape) * cfg.batch
 
     rss_start = report.peak_rss_bytes()
@@ -288,6 +292,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="classes of the head (COYO-Labeled-300M: 21841)")
     parser.add_argument("--rep_size", type=int, default=1024,
                         help="pre-logits width as in the recipe; 0 = no pre-logits layer")
+    parser.add_argument("--depth", type=int, default=0,
+                        help="number of blocks; 0 = the variant's (fewer: quick smoke runs)")
     parser.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="activation dtype")
     parser.add_argument("--scan", action="store_true", help="stack the blocks with nn.scan")
     parser.add_argument("--remat", default="none", choices=sorted(REMAT_POLICIES),
@@ -308,7 +314,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def config_from_args(args: argparse.Namespace) -> StepBench:
     return StepBench(
         variant=args.variant, batch=args.batch, image_size=args.image_size,
-        num_classes=args.num_classes, rep_size=args.rep_size or None, dtype=args.dtype,
+        num_classes=args.num_classes, rep_size=args.rep_size or None, depth=args.depth or None,
+        dtype=args.dtype,
         scan=args.scan, remat_policy=args.remat,
         attention_impl=None if args.attention_impl == "default" else args.attention_impl,
         warmup=args.warmup, steps=args.steps, repeats=args.repeats)

@@ -24,15 +24,17 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-import jax
-import ml_collections
-from flax import linen as nn
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the loop's input pipeline imports TF
 
-from benchmarks import accelerator, report
-from configs import demo
-from coyo_vit import losses, optimizer, sharding
-from coyo_vit.models import Model
-from coyo_vit.train_step import TrainState, make_train_step, state_shardings
+import jax  # noqa: E402
+import ml_collections  # noqa: E402
+from flax import linen as nn  # noqa: E402
+
+from benchmarks import accelerator, report  # noqa: E402
+from configs import demo  # noqa: E402
+from coyo_vit import losses, optimizer, sharding  # noqa: E402
+from coyo_vit.models import Model  # noqa: E402
+from coyo_vit.train_step import TrainState, make_train_step, state_shardings  # noqa: E402
 
 
 def loop_config(args: argparse.Namespace, data_dir: str) -> ml_collections.ConfigDict:

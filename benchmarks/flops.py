@@ -53,9 +53,10 @@ class ViTShape:
 
     @classmethod
     def from_variant(cls, variant: str, image_size: int, num_classes: int,
-                     rep_size: int | None = None) -> "ViTShape":
+                     rep_size: int | None = None, depth: int | None = None) -> "ViTShape":
+        """Sizes of a named variant; `depth` overrides its number of blocks."""
         dims = decode_variant(variant)
-        return cls(depth=dims["depth"], width=dims["width"], mlp_dim=dims["mlp_dim"],
+        return cls(depth=depth or dims["depth"], width=dims["width"], mlp_dim=dims["mlp_dim"],
                    patch_size=dims["patch_size"], image_size=image_size,
                    num_classes=num_classes, rep_size=rep_size)
 

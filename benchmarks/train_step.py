@@ -49,7 +49,8 @@ class Job:
 
 def _base(args: argparse.Namespace, variant: str, batch: int | None = None) -> dict[str, Any]:
     return dict(variant=variant, batch=batch or args.batch, image_size=args.image_size,
-                num_classes=args.num_classes, rep_size=args.rep_size or None, dtype="float32",
+                num_classes=args.num_classes, rep_size=args.rep_size or None,
+                depth=args.depth or None, dtype="float32",
                 scan=False, remat_policy="none", warmup=args.warmup, steps=args.steps,
                 repeats=args.repeats, latency_round=False)
 
@@ -65,7 +66,8 @@ def _changed(config: dict[str, Any], change: str, remat_policy: str) -> dict[str
 
 
 def _label(config: dict[str, Any]) -> str:
-    parts = [config["variant"], f"b{config['batch']}", "bf16" if config["dtype"] == "bfloat16" else "f32",
+    parts = [config["variant"] + (f" depth {config['depth']}" if config.get("depth") else ""),
+             f"b{config['batch']}", "bf16" if config["dtype"] == "bfloat16" else "f32",
              "scan" if config["scan"] else "unrolled"]
     if config["remat_policy"] != "none":
         parts.append(f"remat={config['remat_policy']}")
@@ -210,6 +212,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--image_size", type=int, default=224, help="resolution in pixels")
     parser.add_argument("--num_classes", type=int, default=21841, help="classes of the head")
     parser.add_argument("--rep_size", type=int, default=1024, help="pre-logits width; 0 = none")
+    parser.add_argument("--depth", type=int, default=0,
+                        help="blocks of every model; 0 = each variant's own (fewer: smoke runs)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps after compiling")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per round")
     parser.add_argument("--repeats", type=int, default=1, help="timed rounds (median reported)")

@@ -59,23 +59,24 @@ def test_help(name, capsys):
 def test_accelerator_runs_tiny_on_cpu(tmp_path):
     from benchmarks import accelerator
     out = tmp_path / "accelerator.json"
-    # --scan and a small head only keep the compilation short; the flags are the issue's.
+    # Two blocks and a small head only keep the compilation short.
     accelerator.main(["--variant", "Ti/16", "--batch", "8", "--image_size", "32", "--steps", "2",
                       "--warmup", "1", "--repeats", "1", "--num_classes", "10", "--rep_size", "0",
-                      "--scan", "--dtype", "float32", "--out", str(out)])
+                      "--depth", "2", "--dtype", "float32", "--out", str(out)])
     result = _load(out)["result"]
     assert result["platform"] == "cpu" and result["mfu"] is None
     assert result["images_per_s"] > 0 and result["compile_s"] > 0
+    assert result["params"] < 2_000_000  # the depth override reached the model (12 blocks: 5.5M)
     assert result["model_flops_per_step"] == 8 * flops.train_flops_per_image(
-        flops.ViTShape.from_variant("Ti/16", 32, 10))
+        flops.ViTShape.from_variant("Ti/16", 32, 10, depth=2))
 
 
 def test_train_step_workers_run_in_fresh_processes_without_tensorflow(tmp_path):
     from benchmarks import train_step
     out = tmp_path / "train_step.json"
-    train_step.main(["--variants", "", "--ablate", "", "--compile_only_variants", "Ti/16", "--compile_repeats", "1",
-                     "--compile_batch", "2", "--image_size", "32", "--num_classes", "10",
-                     "--rep_size", "0", "--out", str(out)])
+    train_step.main(["--variants", "", "--ablate", "", "--compile_only_variants", "Ti/16",
+                     "--compile_repeats", "1", "--compile_batch", "2", "--image_size", "32",
+                     "--num_classes", "10", "--rep_size", "0", "--depth", "2", "--out", str(out)])
     result = _load(out)
     unrolled, scanned = result["results"]
     for r in (unrolled, scanned):
@@ -110,7 +111,7 @@ def test_input_pipeline_runs_tiny_configuration(tmp_path):
 def test_end_to_end_runs_tiny_configuration(tmp_path):
     from benchmarks import end_to_end
     out = tmp_path / "end_to_end.json"
-    end_to_end.main(["--steps", "4", "--log_every", "2", "--checkpoint_every", "2", "--batch", "8",
+    end_to_end.main(["--steps", "4", "--log_every", "2", "--checkpoint_every", "4", "--batch", "8",
                      "--num_images", "1024", "--bare_steps", "2", "--rounds", "1", "--out", str(out)])
     result = _load(out)
     assert result["loop_images_per_s"] > 0 and result["bare_images_per_s"] > 0
