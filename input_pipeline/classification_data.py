@@ -51,6 +51,8 @@ import tensorflow as tf
 
 from input_pipeline import imagefolder, pp_parser
 from input_pipeline import ops_classification  # noqa: F401  (registers `onehot`)
+from input_pipeline.dataset_common import (as_dict, check_int, check_keys, check_process, check_seed,
+                                             dataset_options, pad_batch)
 
 SOURCES = ("tfds", "imagefolder")
 _DATA_KEYS = {
@@ -79,12 +81,12 @@ class DataSpec:
 
     @classmethod
     def from_config(cls, data: Any) -> "DataSpec":
-        values = _as_dict(data, "input config 'data'")
+        values = as_dict(data, "input config 'data'")
         name = values.get("name")
         if name not in SOURCES:
             raise ValueError(f"input data name {name!r} is not a classification source; valid: "
                              f"{', '.join(SOURCES)} (COYO shards use input_pipeline.pipeline)")
-        _check_keys(values, _DATA_KEYS[name], f"input config 'data' (name={name!r})")
+        check_keys(values, _DATA_KEYS[name], f"input config 'data' (name={name!r})")
         if not isinstance(values.get("split"), str) or not values["split"]:
             raise ValueError(f"input data needs split, e.g. 'train' or 'validation', got "
                              f"{values.get('split')!r}")
@@ -112,20 +114,20 @@ class ClassificationInputConfig:
 
     @classmethod
     def from_config(cls, config: Any) -> "ClassificationInputConfig":
-        values = _as_dict(config, "input config")
-        _check_keys(values, _INPUT_KEYS, "input config")
+        values = as_dict(config, "input config")
+        check_keys(values, _INPUT_KEYS, "input config")
         data = DataSpec.from_config(values.pop("data", None))
         cfg = cls(data=data, **{k: v for k, v in values.items() if v is not None})
         for name, minimum in (("shuffle_buffer", 1), ("cycle_length", 1), ("prefetch", 0)):
-            _check_int(getattr(cfg, name), name, minimum)
+            check_int(getattr(cfg, name), name, minimum)
         if cfg.num_parallel_calls != -1:
-            _check_int(cfg.num_parallel_calls, "num_parallel_calls (-1 = AUTOTUNE)", 1)
+            check_int(cfg.num_parallel_calls, "num_parallel_calls (-1 = AUTOTUNE)", 1)
         return cfg
 
 
 def is_classification_data(data: Any) -> bool:
     """True when a `data` section names a source of this module (else: COYO shards)."""
-    return _as_dict(data, "input config 'data'").get("name") in SOURCES
+    return as_dict(data, "input config 'data'").get("name") in SOURCES
 
 
 def prepare(data: Any) -> None:
@@ -173,11 +175,10 @@ def build_train_dataset(input_config: Any, *, batch_size: int, seed: int, proces
     if not cfg.pp_train:
         raise ValueError("input config needs pp_train, e.g. 'decode_jpeg_and_inception_crop(224)|"
                          "flip_lr|value_range(-1, 1)|onehot(1000)'")
-    _check_int(batch_size, "batch_size", 1)
-    _check_int(start_position, "start_position", 0)
-    if not isinstance(seed, int) or isinstance(seed, bool) or not -2**63 <= seed < 2**63:
-        raise ValueError(f"seed must be an int that fits in int64, got {seed!r}")
-    _check_process(process_index, process_count)
+    check_int(batch_size, "batch_size", 1)
+    check_int(start_position, "start_position", 0)
+    check_seed(seed)
+    check_process(process_index, process_count)
     source = _make_source(cfg.data)
     base_seed = tf.constant([seed, process_index], tf.int64)
     raw = source.train_stream(process_index, process_count, base_seed, start_position, cfg)
@@ -194,7 +195,7 @@ def build_train_dataset(input_config: Any, *, batch_size: int, seed: int, proces
     ds = ds.filter(lambda ex: ex["_keep"]).map(
         lambda ex: {k: v for k, v in ex.items() if k != "_keep"})
     ds = ds.batch(batch_size, drop_remainder=True)
-    return ds.prefetch(cfg.prefetch).with_options(_options(cfg))
+    return ds.prefetch(cfg.prefetch).with_options(dataset_options(cfg.ram_budget_gb))
 
 
 def build_eval_dataset(input_config: Any, *, split: str | None = None, batch_size: int,
@@ -209,8 +210,8 @@ def build_eval_dataset(input_config: Any, *, split: str | None = None, batch_siz
     if not cfg.pp_eval:
         raise ValueError("input config needs pp_eval, e.g. 'decode|resize(384)|value_range(-1, 1)|"
                          "onehot(1000)'")
-    _check_int(batch_size, "batch_size", 1)
-    _check_process(process_index, process_count)
+    check_int(batch_size, "batch_size", 1)
+    check_process(process_index, process_count)
     source = _make_source(cfg.data.with_split(split))
     most = math.ceil(source.total / process_count)
     num_batches = math.ceil(most / batch_size)
@@ -224,10 +225,10 @@ def build_eval_dataset(input_config: Any, *, split: str | None = None, batch_siz
     ds = source.examples(process_index, process_count, cfg)
     ds = ds.map(process, num_parallel_calls=cfg.num_parallel_calls, deterministic=True)
     _check_num_classes(ds.element_spec, source, "pp_eval")
-    ds = ds.batch(batch_size).map(lambda b: _pad_batch(b, batch_size))
+    ds = ds.batch(batch_size).map(lambda b: pad_batch(b, batch_size))
     empty = tf.nest.map_structure(lambda s: tf.zeros(s.shape, s.dtype), ds.element_spec)
     ds = ds.concatenate(tf.data.Dataset.from_tensors(empty).repeat()).take(num_batches)
-    return ds.prefetch(cfg.prefetch).with_options(_options(cfg))
+    return ds.prefetch(cfg.prefetch).with_options(dataset_options(cfg.ram_budget_gb))
 
 
 # --------------------------------------------------------------------------- sources
@@ -425,48 +426,4 @@ def _check_num_classes(spec: Mapping[str, tf.TensorSpec], source: Any, pp_name: 
         raise ValueError(f"{pp_name} produces labels over {produced} classes but "
                          f"{source.description} has {source.num_classes}; fix onehot(num_classes)")
 
-
-def _pad_batch(batch: dict[str, tf.Tensor], batch_size: int) -> dict[str, tf.Tensor]:
-    """Pads a (last, partial) batch to batch_size with zeros / "" ; padded rows have _mask False."""
-    missing = batch_size - tf.shape(batch["_mask"])[0]
-    padded = {}
-    for name, value in batch.items():
-        paddings = [[0, missing]] + [[0, 0]] * (value.shape.rank - 1)
-        fill = tf.constant("") if value.dtype == tf.string else tf.zeros([], value.dtype)
-        padded[name] = tf.pad(value, paddings, constant_values=fill)
-        padded[name].set_shape([batch_size] + value.shape[1:].as_list())
-    return padded
-
-
-def _options(cfg: ClassificationInputConfig) -> tf.data.Options:
-    options = tf.data.Options()
-    options.deterministic = True
-    if cfg.ram_budget_gb is not None:
-        options.autotune.ram_budget = int(cfg.ram_budget_gb * 2**30)
-    return options
-
-
-def _as_dict(value: Any, what: str) -> dict[str, Any]:
-    if hasattr(value, "to_dict"):  # ml_collections ConfigDict / FrozenConfigDict
-        value = value.to_dict()
-    if not isinstance(value, Mapping):
-        raise TypeError(f"{what} must be a ConfigDict or dict, got {type(value).__name__}")
-    return dict(value)
-
-
-def _check_keys(values: Mapping[str, Any], valid: tuple[str, ...], what: str) -> None:
-    unknown = sorted(set(values) - set(valid))
-    if unknown:
-        raise ValueError(f"{what} has unknown keys {unknown}; valid keys: {sorted(valid)}")
-
-
-def _check_int(value: Any, name: str, minimum: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-
-
-def _check_process(process_index: int, process_count: int) -> None:
-    _check_int(process_count, "process_count", 1)
-    if not isinstance(process_index, int) or not 0 <= process_index < process_count:
-        raise ValueError(f"process_index must be in [0, {process_count}), got {process_index!r}")
 

@@ -1,0 +1,60 @@
+"""Pieces both dataset builders share (COYO shards and classification data): strict config
+reading, argument checks, tf.data options, and padding of the last eval batch."""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import tensorflow as tf
+
+
+def as_dict(value: Any, what: str) -> dict[str, Any]:
+    """A ConfigDict / FrozenConfigDict / dict section as a plain dict; anything else is an error."""
+    if hasattr(value, "to_dict"):
+        value = value.to_dict()
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{what} must be a ConfigDict or dict, got {type(value).__name__}")
+    return dict(value)
+
+
+def check_keys(values: Mapping[str, Any], valid: Iterable[str], what: str) -> None:
+    unknown = sorted(set(values) - set(valid))
+    if unknown:
+        raise ValueError(f"{what} has unknown keys {unknown}; valid keys: {sorted(valid)}")
+
+
+def check_int(value: Any, name: str, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def check_seed(seed: Any) -> None:
+    if not isinstance(seed, int) or isinstance(seed, bool) or not -2**63 <= seed < 2**63:
+        raise ValueError(f"seed must be an int that fits in int64, got {seed!r}")
+
+
+def check_process(process_index: int, process_count: int) -> None:
+    check_int(process_count, "process_count", 1)
+    if not isinstance(process_index, int) or not 0 <= process_index < process_count:
+        raise ValueError(f"process_index must be in [0, {process_count}), got {process_index!r}")
+
+
+def dataset_options(ram_budget_gb: float | None) -> tf.data.Options:
+    """Deterministic order always (resume and multi-host equality depend on it)."""
+    options = tf.data.Options()
+    options.deterministic = True
+    if ram_budget_gb is not None:
+        options.autotune.ram_budget = int(ram_budget_gb * 2**30)
+    return options
+
+
+def pad_batch(batch: dict[str, tf.Tensor], batch_size: int) -> dict[str, tf.Tensor]:
+    """Pads a (last, partial) batch to batch_size with zeros / "" ; padded rows have _mask False."""
+    missing = batch_size - tf.shape(batch["_mask"])[0]
+    padded = {}
+    for name, value in batch.items():
+        paddings = [[0, missing]] + [[0, 0]] * (value.shape.rank - 1)
+        fill = tf.constant("") if value.dtype == tf.string else tf.zeros([], value.dtype)
+        padded[name] = tf.pad(value, paddings, constant_values=fill)
+        padded[name].set_shape([batch_size] + value.shape[1:].as_list())
+    return padded
