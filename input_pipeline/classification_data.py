@@ -52,7 +52,7 @@ import tensorflow as tf
 from input_pipeline import imagefolder, pp_parser
 from input_pipeline import ops_classification  # noqa: F401  (registers `onehot`)
 from input_pipeline.dataset_common import (as_dict, check_int, check_keys, check_process, check_seed,
-                                             dataset_options, pad_batch)
+                                             dataset_options, model_inputs, pad_batch)
 
 SOURCES = ("tfds", "imagefolder")
 _DATA_KEYS = {
@@ -186,7 +186,7 @@ def build_train_dataset(input_config: Any, *, batch_size: int, seed: int, proces
 
     def process(index: tf.Tensor, example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         features = dict(example, rng=tf.random.experimental.stateless_fold_in(base_seed, index))
-        out = _model_inputs(preprocess(features), "pp_train")
+        out = model_inputs(preprocess(features), "pp_train", "onehot(num_classes)")
         return {"image": out["image"], "labels": out["labels"], "_index": index,
                 "_keep": out["_keep"]}
 
@@ -218,7 +218,7 @@ def build_eval_dataset(input_config: Any, *, split: str | None = None, batch_siz
     preprocess = pp_parser.parse(cfg.pp_eval)
 
     def process(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-        out = _model_inputs(preprocess(dict(example)), "pp_eval")
+        out = model_inputs(preprocess(dict(example)), "pp_eval", "onehot(num_classes)")
         return {"image": out["image"], "labels": out["labels"], "label": example["label"],
                 "file_name": example["file_name"], "_mask": out["_keep"]}
 
@@ -402,22 +402,6 @@ def _tfds_builder(name: str, data_dir: str | None):
 
 
 # --------------------------------------------------------------------------- checks and helpers
-
-
-def _model_inputs(features: dict[str, tf.Tensor], pp_name: str) -> dict[str, tf.Tensor]:
-    missing = [k for k in ("image", "labels") if k not in features]
-    if missing:
-        raise ValueError(f"{pp_name} must produce {missing}; it produced {sorted(features)} "
-                         f"(end it with e.g. onehot(num_classes))")
-    image, labels = features["image"], features["labels"]
-    if image.shape.rank != 3 or not image.shape.is_fully_defined():
-        raise ValueError(f"{pp_name} must produce a fixed-size image [H, W, C] (end with a resize "
-                         f"or crop to a size), got shape {image.shape}")
-    if labels.dtype != tf.float32 or labels.shape.rank != 1 or not labels.shape.is_fully_defined():
-        raise ValueError(f"{pp_name} must produce float32 labels [num_classes] (e.g. onehot(C)), "
-                         f"got {labels.dtype.name} {labels.shape}")
-    return {"image": tf.cast(image, tf.float32), "labels": labels,
-            "_keep": tf.convert_to_tensor(features.get("_keep", True), tf.bool)}
 
 
 def _check_num_classes(spec: Mapping[str, tf.TensorSpec], source: Any, pp_name: str) -> None:

@@ -58,3 +58,23 @@ def pad_batch(batch: dict[str, tf.Tensor], batch_size: int) -> dict[str, tf.Tens
         padded[name] = tf.pad(value, paddings, constant_values=fill)
         padded[name].set_shape([batch_size] + value.shape[1:].as_list())
     return padded
+
+
+def model_inputs(features: dict[str, tf.Tensor], pp_name: str, label_op: str) -> dict[str, tf.Tensor]:
+    """Picks image, labels and _keep from a pp output and checks they can be batched.
+
+    `label_op` names the pp op that makes the labels, for the error message.
+    """
+    missing = [k for k in ("image", "labels") if k not in features]
+    if missing:
+        raise ValueError(f"{pp_name} must produce {missing}; it produced {sorted(features)} "
+                         f"(end it with e.g. {label_op})")
+    image, labels = features["image"], features["labels"]
+    if image.shape.rank != 3 or not image.shape.is_fully_defined():
+        raise ValueError(f"{pp_name} must produce a fixed-size image [H, W, C] (end with a resize "
+                         f"or crop to a size), got shape {image.shape}")
+    if labels.dtype != tf.float32 or labels.shape.rank != 1 or not labels.shape.is_fully_defined():
+        raise ValueError(f"{pp_name} must produce float32 labels [num_classes] (e.g. {label_op}), "
+                         f"got {labels.dtype.name} {labels.shape}")
+    return {"image": tf.cast(image, tf.float32), "labels": labels,
+            "_keep": tf.convert_to_tensor(features.get("_keep", True), tf.bool)}

@@ -30,7 +30,7 @@ import tensorflow as tf
 
 from input_pipeline import damage, pp_parser, sources
 from input_pipeline.dataset_common import (as_dict, check_int, check_keys, check_process, check_seed,
-                                             dataset_options, pad_batch)
+                                             dataset_options, model_inputs, pad_batch)
 
 _INT64_MAX = 2**63 - 1
 # Constants folded into the seed so each use of randomness gets its own stream.
@@ -331,8 +331,8 @@ def _record_processor(preprocess: Callable, pp_name: str,
     mode each try is isolated (damage.try_apply, about 1 ms a record) so the error can name the
     file and record; strict mode then fails on every damage reason.
     """
-    def model_inputs(features: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-        return _model_inputs(preprocess(features), pp_name)
+    def to_model_inputs(features: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        return model_inputs(preprocess(features), pp_name, "coyo_labels")
 
     # Plain TF ops and Python-level ifs only: AutoGraph would just re-transpile it on every build.
     @tf.autograph.experimental.do_not_convert
@@ -355,13 +355,13 @@ def _record_processor(preprocess: Callable, pp_name: str,
             features["rng"] = tf.random.experimental.stateless_fold_in(base_seed, index)
         usable = tf.equal(reason, 0)
         if strict:
-            ran, out = damage.try_apply(model_inputs, features, run=usable)
+            ran, out = damage.try_apply(to_model_inputs, features, run=usable)
         else:
             ran = tf.constant(True)
             traced: dict[str, Any] = {}
 
             def run() -> dict[str, tf.Tensor]:
-                traced["out"] = model_inputs(features)
+                traced["out"] = to_model_inputs(features)
                 return traced["out"]
 
             def skip() -> dict[str, tf.Tensor]:  # traced after run(): zeros of its shapes
@@ -441,22 +441,6 @@ class _SkipScan:
         kept = tf.where(new_epoch, tf.constant(0, tf.int64), kept) + tf.cast(
             tf.logical_not(is_skip), tf.int64)
         return (counts, ex["_epoch"], first_epoch, kept), {**ex, "_skipped": counts}
-
-
-def _model_inputs(features: dict[str, tf.Tensor], pp_name: str) -> dict[str, tf.Tensor]:
-    """Picks image, labels and _keep from the pp output and checks they can be batched."""
-    missing = [k for k in ("image", "labels") if k not in features]
-    if missing:
-        raise ValueError(f"{pp_name} must produce {missing}; it produced {sorted(features)}")
-    image, labels = features["image"], features["labels"]
-    if image.shape.rank != 3 or not image.shape.is_fully_defined():
-        raise ValueError(f"{pp_name} must produce a fixed-size image [H, W, C] (end with a resize "
-                         f"or crop to a size), got shape {image.shape}")
-    if labels.dtype != tf.float32 or labels.shape.rank != 1 or not labels.shape.is_fully_defined():
-        raise ValueError(f"{pp_name} must produce float32 labels [num_classes] (e.g. coyo_labels), "
-                         f"got {labels.dtype.name} {labels.shape}")
-    return {"image": tf.cast(image, tf.float32), "labels": labels,
-            "_keep": tf.convert_to_tensor(features.get("_keep", True), tf.bool)}
 
 
 def _files_spec(cfg: InputConfig) -> str | list[str]:
