@@ -31,8 +31,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     labels = "coyo_labels('threshold', 0.1)"
     config.input = common.input_config(
         files="",  # filled in with the demo data directory
-        pp_train=f"decode_jpeg_and_inception_crop(32, area_min=50)|flip_lr|value_range(-1, 1)|{labels}",
-        pp_eval=f"decode|resize(32)|value_range(-1, 1)|{labels}",
+        pp_train=f"decode_jpeg_and_inception_crop(32, area_min=50)|flip_lr|{labels}",
+        pp_eval=f"decode|resize(32)|{labels}",
         shuffle_buffer=2048, holdout_files=1)
     config.optimizer = dict(name="adamw", b1=0.9, b2=0.999, eps=1e-7, weight_decay=0.1,
                             decay_pattern=r".*/kernel", grad_clip_norm=1.0)

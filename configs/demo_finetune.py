@@ -51,7 +51,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     root = config_dict.FieldReference("", field_type=str)  # filled in with the digits folder
     digits = dict(name="imagefolder", root=root)
     labels = f"onehot({NUM_CLASSES})"
-    pp_eval = f"decode|resize(32)|value_range(-1, 1)|{labels}"  # 32px already: fixes the shape
+    pp_eval = f"decode|resize(32)|{labels}"  # 32px already: fixes the shape
     config.input = dict(
         data=dict(digits, split="train"),
         pp_train=pp_eval,

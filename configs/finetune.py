@@ -73,10 +73,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                       manual_dir=config_dict.placeholder(str))
     else:
         source = dict(name="imagefolder", root=args["folder"])
-    pp_eval = f"decode|resize({res})|value_range(-1, 1)|{onehot_pp(classes, 0.0)}"
+    pp_eval = f"decode|resize({res})|{onehot_pp(classes, 0.0)}"
     config.input = dict(
         data=dict(source, split=args["train_split"]),
-        pp_train=(f"decode_jpeg_and_inception_crop({res})|flip_lr|value_range(-1, 1)|"
+        pp_train=(f"decode_jpeg_and_inception_crop({res})|flip_lr|"
                   f"{onehot_pp(classes, args['smoothing'])}"),
         pp_eval=pp_eval,
         shuffle_buffer=25_000,

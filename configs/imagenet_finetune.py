@@ -51,10 +51,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     data_dir, manual_dir = config_dict.placeholder(str), config_dict.placeholder(str)
     imagenet = dict(name="tfds", tfds_name="imagenet2012", data_dir=data_dir, manual_dir=manual_dir)
     labels = f"onehot({NUM_CLASSES})"
-    pp_eval = f"decode|resize({res})|value_range(-1, 1)|{labels}"
+    pp_eval = f"decode|resize({res})|{labels}"
     config.input = dict(
         data=dict(imagenet, split="train"),
-        pp_train=f"decode_jpeg_and_inception_crop({res})|flip_lr|value_range(-1, 1)|{labels}",
+        pp_train=f"decode_jpeg_and_inception_crop({res})|flip_lr|{labels}",
         pp_eval=pp_eval,
         shuffle_buffer=25_000,          # serialized JPEGs (~110 KB each): ~2.7 GB per host
         cycle_length=16,

@@ -12,13 +12,16 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from coyo_vit.models import pixels
+
 
 def mixup(rng: jax.Array, images: jax.Array, labels: jax.Array, alpha: float
           ) -> tuple[jax.Array, jax.Array]:
     """Returns (mixed images, mixed labels): lam * x + (1 - lam) * roll(x, 1) for both.
 
     images [B, ...], labels [B, C] float (one-hot or multi-hot); `alpha` a Python float >= 0.
-    Label rows that sum to 1 still sum to 1 after mixing.
+    Label rows that sum to 1 still sum to 1 after mixing. uint8 images are first mapped to the
+    model's float range (models/pixels.py): rounding mixed pixels back to uint8 would lose detail.
     """
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha < 0:
         raise ValueError(f"mixup alpha must be a number >= 0 (0 = off), got {alpha!r}")
@@ -26,6 +29,8 @@ def mixup(rng: jax.Array, images: jax.Array, labels: jax.Array, alpha: float
         raise ValueError(f"images {images.shape} and labels {labels.shape} differ in batch size")
     if alpha == 0:
         return images, labels
+    if jnp.issubdtype(images.dtype, jnp.integer):
+        images = pixels.to_model_range(images)
     lam = jax.random.beta(rng, alpha, alpha)
     lam = jnp.maximum(lam, 1.0 - lam)
 

@@ -76,5 +76,9 @@ def model_inputs(features: dict[str, tf.Tensor], pp_name: str, label_op: str) ->
     if labels.dtype != tf.float32 or labels.shape.rank != 1 or not labels.shape.is_fully_defined():
         raise ValueError(f"{pp_name} must produce float32 labels [num_classes] (e.g. {label_op}), "
                          f"got {labels.dtype.name} {labels.shape}")
-    return {"image": tf.cast(image, tf.float32), "labels": labels,
+    # uint8 pixels stay uint8 (the model maps them to [-1, 1] on the device, models/pixels.py);
+    # anything else becomes float32, taken as already in the model's range.
+    if image.dtype != tf.uint8:
+        image = tf.cast(image, tf.float32)
+    return {"image": image, "labels": labels,
             "_keep": tf.convert_to_tensor(features.get("_keep", True), tf.bool)}

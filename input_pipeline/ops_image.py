@@ -1,7 +1,8 @@
 """Image preprocessing ops: decoding, crops, resizes, flips and value scaling.
 
 Images stay uint8 through crops and resizes (4x smaller than float in buffers); only
-`value_range` turns them into float32.
+`value_range` turns them into float32. Training recipes leave it out and send uint8 batches:
+the model maps pixels to [-1, 1] on the device (coyo_vit/models/pixels.py).
 
 Random ops are stateless: they read the example's `rng` seed (int [2], added by the pipeline from
 the example's position in the data stream) and fold in a constant of their own, so an example's
@@ -18,6 +19,8 @@ from input_pipeline.registry import Features, OpFn, register
 
 # Inception-crop aspect ratios, as in the Inception/ViT recipes.
 _ASPECT_RATIO_RANGE = (3.0 / 4.0, 4.0 / 3.0)
+# Resize methods whose output is a convex combination of input pixels (no overshoot).
+_CONVEX_METHODS = ("bilinear", "area", "nearest")
 
 
 def decode_image(data: tf.Tensor) -> tf.Tensor:
@@ -44,6 +47,10 @@ def resize_uint8(image: tf.Tensor, size: tf.Tensor | Sequence[int], method: str 
                  antialias: bool = False) -> tf.Tensor:
     """Resizes and rounds back to the input dtype, keeping images compact until value_range."""
     resized = tf.image.resize(image, size, method=method, antialias=antialias)
+    if method in _CONVEX_METHODS and image.dtype == tf.uint8:
+        # Weighted means of uint8 pixels stay in [0, 255]: +0.5 and truncate rounds half up
+        # with one pass over the image instead of round + saturate's three (~0.1 ms at 224px).
+        return tf.cast(resized + 0.5, tf.uint8)
     return tf.saturate_cast(tf.round(resized), image.dtype)
 
 

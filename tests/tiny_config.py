@@ -21,8 +21,8 @@ def get_config(files: str) -> ml_collections.ConfigDict:
     labels = "coyo_labels('threshold', 0.05)"
     config.input = common.input_config(
         files=files,
-        pp_train=f"decode_jpeg_and_inception_crop(32, area_min=30)|flip_lr|value_range(-1, 1)|{labels}",
-        pp_eval=f"decode|resize(32)|value_range(-1, 1)|{labels}",
+        pp_train=f"decode_jpeg_and_inception_crop(32, area_min=30)|flip_lr|{labels}",
+        pp_eval=f"decode|resize(32)|{labels}",
         shuffle_buffer=64, holdout_examples=16)
     config.input.cycle_length = 2
     config.optimizer = dict(name="adamw", b1=0.9, b2=0.999, eps=1e-7, weight_decay=0.1,

@@ -13,7 +13,7 @@ Config of a `classification` evaluator (in `config.evals`):
 
     val=dict(type="classification", every_steps=1000, batch_size=512,
              data=dict(name="tfds", tfds_name="imagenet2012", split="validation"),
-             pp="decode|resize(384)|value_range(-1, 1)|onehot(1000)", top_k=(1, 5))
+             pp="decode|resize(384)|onehot(1000)", top_k=(1, 5))
 
 Results: `{name}/top1`, `{name}/top5` (one per top_k), `{name}/loss` (the training loss on the
 pp's `labels`), `{name}/examples`. Needs batch keys image, labels, label, _mask.

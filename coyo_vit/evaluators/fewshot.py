@@ -13,7 +13,7 @@ Config (in `config.evals`):
 
     fewshot=dict(type="fewshot", every_steps=5000, batch_size=512, num_classes=10,
                  data=dict(name="tfds", tfds_name="cifar10", split="train"), test_split="test",
-                 pp="decode|resize(224)|value_range(-1, 1)|onehot(10)",
+                 pp="decode|resize(224)|onehot(10)",
                  shots=(1, 5, 10, 25), l2_reg=1.0, max_train_examples=None)
 
 Results: `{name}/{k}shot_top1` per k and `{name}/test_examples`. Needs batch keys image,

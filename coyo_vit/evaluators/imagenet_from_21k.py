@@ -10,7 +10,7 @@ Config (in `config.evals`):
 
     in1k=dict(type="imagenet_from_21k", every_steps=5000, batch_size=512,
               data=dict(name="tfds", tfds_name="imagenet2012", split="validation"),
-              pp="decode|resize_small(256)|central_crop(224)|value_range(-1, 1)|onehot(1000)",
+              pp="decode|resize_small(256)|central_crop(224)|onehot(1000)",
               top_k=(1, 5), mapping_path=None)
 
 `mapping_path` None reads the table shipped in coyo_vit/data. Results: `{name}/top1`,

@@ -17,7 +17,7 @@ Config (in `config.evals`):
     holdout=dict(type="multilabel", every_steps=5000, batch_size=1024,
                  data=dict(name="coyo_shards", files="/data/coyo/*.tfrecord"),
                  holdout=dict(files=0, examples=50_000), split="holdout",
-                 pp="decode|resize_small(256)|central_crop(224)|value_range(-1, 1)|"
+                 pp="decode|resize_small(256)|central_crop(224)|"
                     "coyo_labels('threshold', 0.1)",
                  threshold=0.5, map=True)
 

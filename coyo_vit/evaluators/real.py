@@ -10,7 +10,7 @@ Config (in `config.evals`):
 
     real=dict(type="real", every_steps=1000, batch_size=512,
               data=dict(name="tfds", tfds_name="imagenet2012", split="validation"),
-              pp="decode|resize(384)|value_range(-1, 1)|onehot(1000)",
+              pp="decode|resize(384)|onehot(1000)",
               labels_path=None, from_21k=False)
 
 `labels_path` None reads coyo_vit/data/imagenet_real_labels.json. `from_21k=True` scores a

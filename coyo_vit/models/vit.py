@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from coyo_vit.models import pixels
+
 Array = jax.Array
 Initializer = Callable[..., Any]
 
@@ -346,7 +348,7 @@ class ViTDims:
 
 
 class Model(nn.Module):
-    """ViT classifier over NHWC images in [-1, 1].
+    """ViT classifier over NHWC images in [-1, 1], or uint8 pixels it maps there (pixels.py).
 
     `__call__(images, train=False, return_features=False)` returns float32 logits
     [batch, num_classes], or `(logits, features)` where features are the pooled
@@ -436,7 +438,8 @@ class Model(nn.Module):
             dims.width, (patch, patch), strides=(patch, patch), padding="VALID",
             dtype=dtype, param_dtype=jnp.float32,
             kernel_init=_boxed(nn.initializers.lecun_normal(), ("patch_h", "patch_w", "channels", "embed")),
-            bias_init=_boxed(nn.initializers.zeros, ("embed",)), name="embedding")(images.astype(dtype))
+            bias_init=_boxed(nn.initializers.zeros, ("embed",)),
+            name="embedding")(pixels.to_model_range(images, dtype))
         batch, grid_h, grid_w, width = x.shape
         x = _constrain(jnp.reshape(x, (batch, grid_h * grid_w, width)), _TOKENS)
 

@@ -1,0 +1,68 @@
+"""uint8 batches: the pipeline keeps pixels as uint8 and the model maps them to [-1, 1] on device.
+
+Checks the two ends agree with the float path they replace (value_range(-1, 1) on the host), on
+the real fixture shards and a real tiny ViT.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tensorflow as tf
+
+from coyo_vit import mixup
+from coyo_vit.models import Model, pixels
+from input_pipeline import ops_image, pipeline
+
+SHARDS = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "coyo_shards" / "shards"
+PP_UINT8 = 'decode_jpeg_and_inception_crop(16)|flip_lr|coyo_labels("soft")'
+
+
+def _train_batch(pp: str) -> dict[str, np.ndarray]:
+    config = {"data": {"files": str(SHARDS / "*.tfrecord")}, "pp_train": pp,
+              "shuffle_buffer": 8, "cycle_length": 2}
+    return next(pipeline.build_train_dataset(config, batch_size=4, seed=3).as_numpy_iterator())
+
+
+def test_pipeline_sends_uint8_without_value_range_and_it_equals_the_float_path():
+    as_uint8 = _train_batch(PP_UINT8)
+    as_float = _train_batch(PP_UINT8.replace("flip_lr|", "flip_lr|value_range(-1, 1)|"))
+    assert as_uint8["image"].dtype == np.uint8 and as_float["image"].dtype == np.float32
+    np.testing.assert_array_equal(as_uint8["_index"], as_float["_index"])
+    on_device = np.asarray(pixels.to_model_range(jnp.asarray(as_uint8["image"])))
+    np.testing.assert_allclose(on_device, as_float["image"], atol=1e-6)
+    assert on_device.min() >= -1.0 and on_device.max() <= 1.0
+
+
+def test_model_gives_the_same_logits_for_uint8_pixels_and_their_float_range():
+    model = Model(num_classes=5, patch_size=4, width=16, depth=1, mlp_dim=32, num_heads=2)
+    pixels_u8 = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+    as_float = pixels_u8.astype(np.float32) / 127.5 - 1.0
+    params = model.init(jax.random.PRNGKey(0), as_float)["params"]
+    np.testing.assert_allclose(model.apply({"params": params}, pixels_u8),
+                               model.apply({"params": params}, as_float), rtol=1e-5, atol=1e-6)
+    extremes = pixels.to_model_range(jnp.asarray([0, 255], jnp.uint8))
+    np.testing.assert_array_equal(np.asarray(extremes), [-1.0, 1.0])
+
+
+def test_mixup_of_uint8_mixes_in_the_float_range_without_rounding():
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (4, 2, 2, 3), dtype=np.uint8)
+    labels = np.eye(4, dtype=np.float32)
+    key = jax.random.PRNGKey(2)
+    mixed_u8, _ = mixup.mixup(key, jnp.asarray(images), jnp.asarray(labels), 0.5)
+    mixed_f, _ = mixup.mixup(key, pixels.to_model_range(jnp.asarray(images)), jnp.asarray(labels), 0.5)
+    assert mixed_u8.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(mixed_u8), np.asarray(mixed_f), atol=1e-6)
+    assert not np.allclose(np.asarray(mixed_u8) * 127.5, np.round(np.asarray(mixed_u8) * 127.5))
+
+
+def test_uint8_bilinear_resize_rounds_to_nearest():
+    image = tf.constant(np.random.default_rng(2).integers(0, 256, (37, 23, 3)), tf.uint8)
+    for method in ("bilinear", "area", "bicubic"):
+        exact = tf.image.resize(image, (16, 11), method=method).numpy()
+        got = ops_image.resize_uint8(image, (16, 11), method).numpy()
+        assert got.dtype == np.uint8
+        np.testing.assert_array_equal(got, np.clip(np.floor(exact + 0.5), 0, 255))
