@@ -27,6 +27,7 @@ from typing import Any
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the loop's input pipeline imports TF
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 import ml_collections  # noqa: E402
 from flax import linen as nn  # noqa: E402
 
@@ -46,6 +47,18 @@ def loop_config(args: argparse.Namespace, data_dir: str) -> ml_collections.Confi
     config.eval_every_steps = args.eval_every
     config.demo_data.out_dir = data_dir
     config.demo_data.num_images = args.num_images
+    if args.variant:  # a real ViT size in place of the demo's 4-block model
+        config.model.update(variant=args.variant, patch_size=None, width=None, depth=None,
+                            mlp_dim=None, num_heads=None)
+    if args.image_size != config.image_size:
+        old_size = f"decode_jpeg_and_inception_crop({config.image_size},"
+        if old_size not in config.input.pp_train:
+            raise ValueError(f"cannot set --image_size: unexpected demo pp_train {config.input.pp_train!r}")
+        config.input.pp_train = config.input.pp_train.replace(
+            old_size, f"decode_jpeg_and_inception_crop({args.image_size},")
+        config.input.pp_eval = config.input.pp_eval.replace(f"resize({config.image_size})",
+                                                            f"resize({args.image_size})")
+        config.image_size = args.image_size
     # Short smoke runs: the demo's warmup must stay shorter than the run (no effect on speed).
     config.schedule.warmup_steps = min(config.schedule.warmup_steps, args.steps - 1)
     return config
@@ -93,7 +106,7 @@ class BareStep:
     second compilation of the initialiser: that alone takes ~10 s on a busy 2-core CPU.
     """
 
-    def __init__(self, config: ml_collections.ConfigDict, state: TrainState):
+    def __init__(self, config: ml_collections.ConfigDict, state: TrainState, image_dtype: str):
         model = Model(num_classes=config.num_classes, **config.model)
         schedule = optimizer.make_schedule(config.schedule, config.total_steps)
         tx = optimizer.make_optimizer(config.optimizer, schedule)
@@ -108,9 +121,13 @@ class BareStep:
                                      schedule, grad_accum_steps=config.get("grad_accum_steps", 1))
         self._batch_size = config.batch_size
 
-        self._batch = accelerator.synthetic_batch(
+        batch = accelerator.synthetic_batch(
             accelerator.StepBench(batch=config.batch_size, image_size=config.image_size,
                                   num_classes=config.num_classes, seed=config.seed), batch_sharding)
+        if image_dtype == "uint8":  # what the loop's pipeline sends when its pp has no value_range
+            pixels = np.asarray(batch["image"]) * 127.5 + 127.5
+            batch["image"] = jax.device_put(np.round(pixels).astype(np.uint8), batch_sharding)
+        self._batch = batch
 
     def rate(self, steps: int, warmup: int) -> dict[str, float]:
         """`steps` dispatches back to back after `warmup` (the first call compiles)."""
@@ -126,6 +143,13 @@ class BareStep:
             seconds = time.perf_counter() - started
             self._state = state  # the old one was donated
         return {"images_per_s": steps * self._batch_size / seconds, "step_s": seconds / steps}
+
+
+def pipeline_image_dtype(config: ml_collections.ConfigDict) -> str:
+    """The image dtype the loop's train pipeline sends: float32 after a value_range op, else uint8
+    (models/pixels.py); the bare step gets the same, so both run the same compiled step."""
+    ops = [op.split("(")[0].strip() for op in config.input.pp_train.split("|")]
+    return "float32" if "value_range" in ops else "uint8"
 
 
 def paired_ratios(loop: list[float], bare: list[float]) -> list[float]:
@@ -151,6 +175,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--checkpoint_every", type=int, default=80, help="checkpoint interval")
     parser.add_argument("--eval_every", type=int, default=0, help="holdout eval interval; 0 = off")
     parser.add_argument("--batch", type=int, default=64, help="global batch size")
+    parser.add_argument("--variant", default="",
+                        help="ViT variant in place of the demo's tiny model, e.g. Ti/16 (a step "
+                             "that outweighs the pipeline, as on real runs); default: the demo's")
+    parser.add_argument("--image_size", type=int, default=32,
+                        help="training resolution (the demo's images are 64px)")
     parser.add_argument("--num_images", type=int, default=4096, help="images of the demo dataset")
     parser.add_argument("--bare_steps", type=int, default=100, help="timed steps of the bare step")
     parser.add_argument("--rounds", type=int, default=3,
@@ -177,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             loops.append(rate)
             shutil.rmtree(workdir, ignore_errors=True)
             if bare_step is None:
-                bare_step = BareStep(config, state)
+                bare_step = BareStep(config, state, pipeline_image_dtype(config))
             bare.append(bare_step.rate(args.bare_steps, warmup=3))
             del state
             print(f"round {i + 1}/{args.rounds}: loop {loops[-1]['images_per_s']:.1f} images/s, "
@@ -195,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "loop_over_bare": report.median(ratios), "loop_over_bare_rounds": ratios,
         "loop_runs": loops, "bare_runs": bare,
     }
-    print(f"demo model, batch {args.batch}, {config.image_size}px, {jax.device_count()} "
+    print(f"{args.variant or 'demo'} model, batch {args.batch}, {config.image_size}px, {jax.device_count()} "
           f"{jax.devices()[0].platform} device(s); medians of {len(loops)} loop runs, {len(bare)} bare "
           f"timings; the ratio is the median of each run over the bare timings next to it")
     print(report.table([{"what": "train_loop.run (pipeline, step, logging, checkpoints)", "ips": loop_ips,

@@ -32,15 +32,22 @@ class TrainCheckpointer:
     All processes of a multi-host run call every method together; orbax coordinates the write.
     """
 
-    def __init__(self, workdir: str, *, max_to_keep: int | None = 3, async_save: bool = True):
+    def __init__(self, workdir: str, *, max_to_keep: int | None = 3, async_save: bool = True,
+                 compress: bool = False):
+        """`compress`: zstd on the arrays. Off by default: trained float32 weights and Adam
+        moments shrink by only ~7% while the write takes ~2-3x the CPU time and wall time (a
+        28M-parameter train state: 0.2-0.5 vs 1.0-1.6 CPU-s), which matters most when a
+        preemption notice leaves seconds to save. Either kind restores."""
         self.directory = epath.Path(workdir) / CHECKPOINT_SUBDIR
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             enable_async_checkpointing=async_save,
             cleanup_tmp_directories=True,  # remove leftovers of a write that was killed
         )
+        handlers = {STATE_ITEM: ocp.PyTreeCheckpointHandler(use_compression=compress),
+                    META_ITEM: ocp.JsonCheckpointHandler()}
         self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                              item_names=(STATE_ITEM, META_ITEM))
+                                              item_handlers=handlers)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()

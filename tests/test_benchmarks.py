@@ -116,3 +116,16 @@ def test_end_to_end_runs_tiny_configuration(tmp_path):
     result = _load(out)
     assert result["loop_images_per_s"] > 0 and result["bare_images_per_s"] > 0
     assert len(result["loop_runs"][0]["interval_rates"]) == 2
+
+
+def test_end_to_end_can_swap_in_a_real_vit_and_resolution_and_matches_the_pipeline_dtype():
+    from benchmarks import end_to_end
+    args = end_to_end.parse_args(["--variant", "Ti/16", "--image_size", "64", "--steps", "10"])
+    config = end_to_end.loop_config(args, "/tmp/unused")
+    assert config.model.variant == "Ti/16" and config.model.width is None
+    assert config.image_size == 64
+    assert config.input.pp_train.startswith("decode_jpeg_and_inception_crop(64,")
+    assert "resize(64)" in config.input.pp_eval
+    assert end_to_end.pipeline_image_dtype(config) == "uint8"  # recipes send uint8 pixels
+    config.input.pp_train = config.input.pp_train.replace("flip_lr|", "flip_lr|value_range(-1, 1)|")
+    assert end_to_end.pipeline_image_dtype(config) == "float32"
