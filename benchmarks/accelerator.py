@@ -106,9 +106,9 @@ def build(cfg: StepBench) -> Built:
 
 
 def abstract_batch(cfg: StepBench, batch_sharding: jax.sharding.NamedSharding) -> dict[str, Any]:
-    """Shapes of a training batch as the pipeline delivers it (float32 images, dense targets)."""
+    """Shapes of a training batch as the pipeline delivers it (uint8 pixels, dense targets)."""
     return {
-        "image": jax.ShapeDtypeStruct((cfg.batch, cfg.image_size, cfg.image_size, 3), jnp.float32,
+        "image": jax.ShapeDtypeStruct((cfg.batch, cfg.image_size, cfg.image_size, 3), jnp.uint8,
                                       sharding=batch_sharding),
         "labels": jax.ShapeDtypeStruct((cfg.batch, cfg.num_classes), jnp.float32,
                                        sharding=batch_sharding),
@@ -116,11 +116,12 @@ def abstract_batch(cfg: StepBench, batch_sharding: jax.sharding.NamedSharding) -
 
 
 def synthetic_batch(cfg: StepBench, batch_sharding: jax.sharding.NamedSharding) -> dict[str, jax.Array]:
-    """A random batch placed on the devices once: images in [-1, 1] and ~2 positive labels per
-    image (what threshold 0.1 gives on COYO), so the loss and gradients are realistic. Drawn
-    with numpy: jax.random would add a compilation (seconds on a CPU) for nothing measured."""
+    """A random batch placed on the devices once: uint8 pixels (the model maps them to [-1, 1],
+    as in training) and ~2 positive labels per image (what threshold 0.1 gives on COYO), so the
+    loss and gradients are realistic. Drawn with numpy: jax.random would add a compilation
+    (seconds on a CPU) for nothing measured."""
     rng = np.random.default_rng(cfg.seed + 1)
-    images = rng.uniform(-1.0, 1.0, (cfg.batch, cfg.image_size, cfg.image_size, 3)).astype(np.float32)
+    images = rng.integers(0, 256, (cfg.batch, cfg.image_size, cfg.image_size, 3), dtype=np.uint8)
     labels = (rng.random((cfg.batch, cfg.num_classes), dtype=np.float32)
               < min(2.0 / cfg.num_classes, 0.5)).astype(np.float32)
     return {"image": jax.device_put(images, batch_sharding),

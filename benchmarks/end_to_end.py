@@ -124,9 +124,9 @@ class BareStep:
         batch = accelerator.synthetic_batch(
             accelerator.StepBench(batch=config.batch_size, image_size=config.image_size,
                                   num_classes=config.num_classes, seed=config.seed), batch_sharding)
-        if image_dtype == "uint8":  # what the loop's pipeline sends when its pp has no value_range
-            pixels = np.asarray(batch["image"]) * 127.5 + 127.5
-            batch["image"] = jax.device_put(np.round(pixels).astype(np.uint8), batch_sharding)
+        if image_dtype == "float32":  # the loop's pp ends in value_range: it sends floats
+            pixels = np.asarray(batch["image"]).astype(np.float32)
+            batch["image"] = jax.device_put(pixels / 127.5 - 1.0, batch_sharding)
         self._batch = batch
 
     def rate(self, steps: int, warmup: int) -> dict[str, float]:
