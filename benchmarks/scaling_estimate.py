@@ -1,6 +1,6 @@
 """Time, chips and input rate to pretrain ViTs on COYO-Labeled-300M (the recipe: 7 epochs).
 
-    python -m benchmarks.scaling_estimate --mfu 0.4 --pp_images_per_core 490 --out scaling.json
+    python -m benchmarks.scaling_estimate --mfu 0.4 --pp_images_per_core 637 --out scaling.json
 
 days = epochs x images x training FLOPs per image / (chips x peak bf16 FLOP/s x MFU), with the
 analytic FLOP count of benchmarks/flops.py. MFU is an input: replace the default with the figure
@@ -67,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--variants", default="B/16,L/16", help="comma-separated ViT variants")
     parser.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation to assume (0-1]")
     parser.add_argument("--epochs", type=float, default=7.0, help="passes over the 300M images")
-    parser.add_argument("--pp_images_per_core", type=float, default=490.0,
+    parser.add_argument("--pp_images_per_core", type=float, default=637.0,
                         help="pretraining preprocessing rate of one CPU core (benchmarks.input_pipeline)")
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
     args = parser.parse_args(argv)
