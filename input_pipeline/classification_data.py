@@ -19,8 +19,8 @@ The input config (`config.input`):
     data=dict(name="tfds", tfds_name="imagenet2012", split="train", data_dir=None,
               manual_dir=None, image_key="image", label_key="label", file_name_key="file_name")
     data=dict(name="imagefolder", root="/data/digits", split="train")
-    pp_train="decode_jpeg_and_inception_crop(384)|flip_lr|value_range(-1, 1)|onehot(1000)",
-    pp_eval="decode|resize(384)|value_range(-1, 1)|onehot(1000)",
+    pp_train="decode_jpeg_and_inception_crop(384)|flip_lr|onehot(1000)",
+    pp_eval="decode|resize(384)|onehot(1000)",
     shuffle_buffer=25_000, cycle_length=16, num_parallel_calls=-1, prefetch=2, ram_budget_gb=None
 
 `split` is a TFDS split string (slices like "train[:99%]" work) or an image-folder split
@@ -174,7 +174,7 @@ def build_train_dataset(input_config: Any, *, batch_size: int, seed: int, proces
     cfg = ClassificationInputConfig.from_config(input_config)
     if not cfg.pp_train:
         raise ValueError("input config needs pp_train, e.g. 'decode_jpeg_and_inception_crop(224)|"
-                         "flip_lr|value_range(-1, 1)|onehot(1000)'")
+                         "flip_lr|onehot(1000)'")
     check_int(batch_size, "batch_size", 1)
     check_int(start_position, "start_position", 0)
     check_seed(seed)
@@ -208,7 +208,7 @@ def build_eval_dataset(input_config: Any, *, split: str | None = None, batch_siz
     """
     cfg = ClassificationInputConfig.from_config(input_config)
     if not cfg.pp_eval:
-        raise ValueError("input config needs pp_eval, e.g. 'decode|resize(384)|value_range(-1, 1)|"
+        raise ValueError("input config needs pp_eval, e.g. 'decode|resize(384)|"
                          "onehot(1000)'")
     check_int(batch_size, "batch_size", 1)
     check_process(process_index, process_count)

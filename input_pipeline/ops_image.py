@@ -20,7 +20,7 @@ from input_pipeline.registry import Features, OpFn, register
 # Inception-crop aspect ratios, as in the Inception/ViT recipes.
 _ASPECT_RATIO_RANGE = (3.0 / 4.0, 4.0 / 3.0)
 # Resize methods whose output is a convex combination of input pixels (no overshoot).
-_CONVEX_METHODS = ("bilinear", "area", "nearest")
+_CONVEX_METHODS = ("bilinear", "area")
 
 
 def decode_image(data: tf.Tensor) -> tf.Tensor:
@@ -45,8 +45,13 @@ def op_seed(features: Features, op_name: str) -> tf.Tensor:
 
 def resize_uint8(image: tf.Tensor, size: tf.Tensor | Sequence[int], method: str = "bilinear",
                  antialias: bool = False) -> tf.Tensor:
-    """Resizes and rounds back to the input dtype, keeping images compact until value_range."""
+    """Resizes and rounds integer pixels back to their dtype, keeping images compact until
+    value_range; float images (after a value_range) stay float, unrounded."""
     resized = tf.image.resize(image, size, method=method, antialias=antialias)
+    if resized.dtype == image.dtype:  # `nearest` keeps the input dtype: nothing to round
+        return resized
+    if image.dtype.is_floating:
+        return tf.cast(resized, image.dtype)
     if method in _CONVEX_METHODS and image.dtype == tf.uint8:
         # Weighted means of uint8 pixels stay in [0, 255]: +0.5 and truncate rounds half up
         # with one pass over the image instead of round + saturate's three (~0.1 ms at 224px).

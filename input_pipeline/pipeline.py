@@ -111,7 +111,7 @@ def build_train_dataset(input_config: Any, *, batch_size: int, seed: int, proces
     cfg = InputConfig.from_config(input_config)
     if not cfg.pp_train:
         raise ValueError("input config needs pp_train, e.g. "
-                         "'decode_jpeg_and_inception_crop(224)|flip_lr|value_range(-1, 1)|"
+                         "'decode_jpeg_and_inception_crop(224)|flip_lr|"
                          "coyo_labels(\"threshold\", 0.1)'")
     check_int(batch_size, "batch_size", 1)
     check_int(start_position, "start_position", 0)
@@ -159,7 +159,7 @@ def build_eval_dataset(input_config: Any, *, split: str = "holdout", batch_size:
     cfg = InputConfig.from_config(input_config)
     if not cfg.pp_eval:
         raise ValueError("input config needs pp_eval, e.g. "
-                         "'decode|resize_small(256)|central_crop(224)|value_range(-1, 1)|"
+                         "'decode|resize_small(256)|central_crop(224)|"
                          "coyo_labels(\"threshold\", 0.1)'")
     check_int(batch_size, "batch_size", 1)
     check_process(process_index, process_count)

@@ -1,4 +1,4 @@
-"""Parses preprocessing strings such as `decode|resize(224)|value_range(-1, 1)`.
+"""Parses preprocessing strings such as `decode|resize(224)|flip_lr|value_range(-1, 1)`.
 
 The big_vision-style string keeps configs plain and sweepable. A pp string happens to be a valid
 Python expression (ops joined by the `|` operator), so it is parsed with `ast`: separators inside

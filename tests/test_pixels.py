@@ -66,3 +66,14 @@ def test_uint8_bilinear_resize_rounds_to_nearest():
         got = ops_image.resize_uint8(image, (16, 11), method).numpy()
         assert got.dtype == np.uint8
         np.testing.assert_array_equal(got, np.clip(np.floor(exact + 0.5), 0, 255))
+    nearest = ops_image.resize_uint8(image, (16, 11), "nearest")
+    assert nearest.dtype == tf.uint8
+    np.testing.assert_array_equal(nearest, tf.image.resize(image, (16, 11), method="nearest"))
+
+
+def test_resizing_a_float_image_keeps_its_values():
+    image = tf.constant(np.random.default_rng(3).uniform(-1, 1, (20, 20, 3)), tf.float32)
+    got = ops_image.resize_uint8(image, (10, 10))
+    assert got.dtype == tf.float32
+    np.testing.assert_allclose(got, tf.image.resize(image, (10, 10)), atol=1e-6)
+    assert len(np.unique(np.round(got.numpy(), 3))) > 3  # not snapped to -1, 0, 1

@@ -15,7 +15,8 @@ PIXEL_MAX = 255.0
 
 
 def to_model_range(images: jax.Array, dtype: jnp.dtype = jnp.float32) -> jax.Array:
-    """uint8 (or other integer) pixels in [0, 255] -> `dtype` in [-1, 1]; floats pass through."""
+    """Integer pixels in [0, 255] (the pipelines send uint8) -> `dtype` in [-1, 1]; floats pass
+    through as they are."""
     if jnp.issubdtype(images.dtype, jnp.integer):
         scale = 2.0 / PIXEL_MAX
         return (images.astype(jnp.float32) * scale - 1.0).astype(dtype)
