@@ -30,6 +30,7 @@ def run_control(config: ml_collections.ConfigDict, *, log_every: int, eval_every
     config.eval_every_steps = eval_every          # 0 disables holdout evaluation
     config.checkpoint_every_steps = checkpoint_every
     config.keep_checkpoints = keep
+    config.checkpoint_compression = False         # zstd: ~7% smaller, 2-3x slower writes
     config.device_prefetch = 2                    # global batches built ahead on the devices
     config.mesh = dict(data=-1, fsdp=1, model=1)  # -1 = all remaining devices
     config.sharding_rules = None                  # None = coyo_vit.sharding.DEFAULT_RULES

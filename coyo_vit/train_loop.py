@@ -64,7 +64,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
                  f"{count_params(abstract.params):,}", sharding.bytes_per_device(abstract) / 2**20)
 
     # Resume from the workdir's latest checkpoint (no flag needed) or start fresh.
-    checkpointer = TrainCheckpointer(workdir, max_to_keep=config.keep_checkpoints)
+    checkpointer = TrainCheckpointer(workdir, max_to_keep=config.keep_checkpoints,
+                                     compress=config.get("checkpoint_compression", False))
     latest = checkpointer.latest_step()
     if latest is None:
         params = _init_params(config, model) if config.get("init") else None
