@@ -27,14 +27,13 @@ from typing import Any
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the loop's input pipeline imports TF
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 import ml_collections  # noqa: E402
 from flax import linen as nn  # noqa: E402
 
 from benchmarks import accelerator, report  # noqa: E402
 from configs import demo  # noqa: E402
 from coyo_vit import losses, optimizer, sharding  # noqa: E402
-from coyo_vit.models import Model  # noqa: E402
+from coyo_vit.models import Model, pixels  # noqa: E402
 from coyo_vit.train_step import TrainState, make_train_step, state_shardings  # noqa: E402
 
 
@@ -125,8 +124,7 @@ class BareStep:
             accelerator.StepBench(batch=config.batch_size, image_size=config.image_size,
                                   num_classes=config.num_classes, seed=config.seed), batch_sharding)
         if image_dtype == "float32":  # the loop's pp ends in value_range: it sends floats
-            pixels = np.asarray(batch["image"]).astype(np.float32)
-            batch["image"] = jax.device_put(pixels / 127.5 - 1.0, batch_sharding)
+            batch["image"] = jax.device_put(pixels.to_model_range(batch["image"]), batch_sharding)
         self._batch = batch
 
     def rate(self, steps: int, warmup: int) -> dict[str, float]:

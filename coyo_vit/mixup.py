@@ -29,8 +29,7 @@ def mixup(rng: jax.Array, images: jax.Array, labels: jax.Array, alpha: float
         raise ValueError(f"images {images.shape} and labels {labels.shape} differ in batch size")
     if alpha == 0:
         return images, labels
-    if jnp.issubdtype(images.dtype, jnp.integer):
-        images = pixels.to_model_range(images)
+    images = pixels.to_model_range(images)
     lam = jax.random.beta(rng, alpha, alpha)
     lam = jnp.maximum(lam, 1.0 - lam)
 

@@ -14,10 +14,11 @@ import jax.numpy as jnp
 PIXEL_MAX = 255.0
 
 
-def to_model_range(images: jax.Array, dtype: jnp.dtype = jnp.float32) -> jax.Array:
-    """Integer pixels in [0, 255] (the pipelines send uint8) -> `dtype` in [-1, 1]; floats pass
-    through as they are."""
+def to_model_range(images: jax.Array, dtype: jnp.dtype | None = None) -> jax.Array:
+    """Integer pixels in [0, 255] (the pipelines send uint8) -> [-1, 1]; floats pass through as
+    they are. The result has `dtype`, or by default float32 for pixels and the input's own
+    dtype for floats."""
     if jnp.issubdtype(images.dtype, jnp.integer):
         scale = 2.0 / PIXEL_MAX
-        return (images.astype(jnp.float32) * scale - 1.0).astype(dtype)
-    return images.astype(dtype)
+        images = images.astype(jnp.float32) * scale - 1.0
+    return images if dtype is None else images.astype(dtype)
