@@ -226,18 +226,11 @@ def metadata_batches(files: Sequence[str], batch_rows: int = _BATCH_ROWS
     """(batch, rows without a valid imagehash) from metadata parquet files, streamed."""
     import pyarrow as pa
 
-    for path in files:
-        parquet = sources.open_parquet(path)
-        missing = {"id", "url", "imagehash"} - set(parquet.schema_arrow.names)
-        if missing:
-            raise ValueError(f"{path} lacks metadata columns {sorted(missing)}; it has "
-                             f"{parquet.schema_arrow.names}")
-        for batch in parquet.iter_batches(batch_size=batch_rows,
-                                          columns=["id", "url", "imagehash"]):
-            hashes, valid = phash.hex_array(batch.column("imagehash").to_pylist())
-            keep = pa.array(valid)
-            yield (TrainBatch(batch.column("id").filter(keep), batch.column("url").filter(keep),
-                              hashes[valid]), int((~valid).sum()))
+    for batch in sources.parquet_column_batches(files, ("id", "url", "imagehash"), batch_rows):
+        hashes, valid = phash.hex_array(batch.column("imagehash").to_pylist())
+        keep = pa.array(valid)
+        yield (TrainBatch(batch.column("id").filter(keep), batch.column("url").filter(keep),
+                          hashes[valid]), int((~valid).sum()))
 
 
 def shard_batches(files: Sequence[str], workers: int = 1, batch_rows: int = 4096

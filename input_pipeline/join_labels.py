@@ -114,17 +114,10 @@ class _BucketWriter:
 def _metadata_tables(files: Sequence[str]) -> Iterator:
     import pyarrow as pa
 
-    for path in files:
-        parquet = sources.open_parquet(path)
-        missing = {"url", "labels", "label_probs"} - set(parquet.schema_arrow.names)
-        if missing:
-            raise ValueError(f"{path} lacks metadata columns {sorted(missing)}; it has "
-                             f"{parquet.schema_arrow.names}")
-        for batch in parquet.iter_batches(batch_size=_READ_ROWS,
-                                          columns=["url", "labels", "label_probs"]):
-            table = pa.Table.from_batches([batch])
-            yield table.cast(pa.schema([("url", pa.string()), ("labels", pa.list_(pa.int64())),
-                                        ("label_probs", pa.list_(pa.float32()))]))
+    schema = pa.schema([("url", pa.string()), ("labels", pa.list_(pa.int64())),
+                        ("label_probs", pa.list_(pa.float32()))])
+    for batch in sources.parquet_column_batches(files, schema.names, _READ_ROWS):
+        yield pa.Table.from_batches([batch]).cast(schema)
 
 
 def shard_keys(path: str, use_parquet: bool) -> Iterator[tuple[str, str]]:

@@ -12,7 +12,7 @@ or url (`read_exclusion_list`). Metadata and per-shard parquet files are opened 
 from __future__ import annotations
 
 import struct
-from typing import NamedTuple, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import tensorflow as tf
 
@@ -97,6 +97,19 @@ def open_parquet(path: str):
         filesystem, inner = pyarrow.fs.FileSystem.from_uri(path)
         return pq.ParquetFile(filesystem.open_input_file(inner))
     return pq.ParquetFile(path)
+
+
+def parquet_column_batches(files: Sequence[str], columns: Sequence[str], batch_rows: int
+                           ) -> Iterator[Any]:
+    """pyarrow RecordBatches of `columns` from each parquet file in turn, streamed; a file that
+    lacks one of them is an error naming the missing columns and the ones it has."""
+    for path in files:
+        parquet = open_parquet(path)
+        missing = set(columns) - set(parquet.schema_arrow.names)
+        if missing:
+            raise ValueError(f"{path} lacks metadata columns {sorted(missing)}; it has "
+                             f"{parquet.schema_arrow.names}")
+        yield from parquet.iter_batches(batch_size=batch_rows, columns=list(columns))
 
 
 def parse_example(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
