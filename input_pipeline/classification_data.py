@@ -51,8 +51,9 @@ import tensorflow as tf
 
 from input_pipeline import imagefolder, pp_parser
 from input_pipeline import ops_classification  # noqa: F401  (registers `onehot`)
-from input_pipeline.dataset_common import (as_dict, check_int, check_keys, check_process, check_seed,
-                                             dataset_options, model_inputs, pad_batch)
+from input_pipeline.dataset_common import (as_dict, check_int, check_keys, check_process,
+                                             check_reading_options, check_seed, dataset_options,
+                                             model_inputs, pad_batch)
 
 SOURCES = ("tfds", "imagefolder")
 _DATA_KEYS = {
@@ -118,10 +119,7 @@ class ClassificationInputConfig:
         check_keys(values, _INPUT_KEYS, "input config")
         data = DataSpec.from_config(values.pop("data", None))
         cfg = cls(data=data, **{k: v for k, v in values.items() if v is not None})
-        for name, minimum in (("shuffle_buffer", 1), ("cycle_length", 1), ("prefetch", 0)):
-            check_int(getattr(cfg, name), name, minimum)
-        if cfg.num_parallel_calls != -1:
-            check_int(cfg.num_parallel_calls, "num_parallel_calls (-1 = AUTOTUNE)", 1)
+        check_reading_options(cfg)
         return cfg
 
 

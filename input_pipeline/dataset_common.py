@@ -28,6 +28,15 @@ def check_int(value: Any, name: str, minimum: int) -> None:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
+def check_reading_options(cfg: Any) -> None:
+    """The tf.data settings both input configs share, checked before any file is opened (e.g. a
+    0 cycle_length that tf.data would misread)."""
+    for name, minimum in (("shuffle_buffer", 1), ("cycle_length", 1), ("prefetch", 0)):
+        check_int(getattr(cfg, name), name, minimum)
+    if cfg.num_parallel_calls != -1:
+        check_int(cfg.num_parallel_calls, "num_parallel_calls (-1 = AUTOTUNE)", 1)
+
+
 def check_seed(seed: Any) -> None:
     if not isinstance(seed, int) or isinstance(seed, bool) or not -2**63 <= seed < 2**63:
         raise ValueError(f"seed must be an int that fits in int64, got {seed!r}")

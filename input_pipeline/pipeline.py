@@ -29,8 +29,9 @@ import numpy as np
 import tensorflow as tf
 
 from input_pipeline import damage, pp_parser, sources
-from input_pipeline.dataset_common import (as_dict, check_int, check_keys, check_process, check_seed,
-                                             dataset_options, model_inputs, pad_batch)
+from input_pipeline.dataset_common import (as_dict, check_int, check_keys, check_process,
+                                             check_reading_options, check_seed, dataset_options,
+                                             model_inputs, pad_batch)
 
 _INT64_MAX = 2**63 - 1
 # Constants folded into the seed so each use of randomness gets its own stream.
@@ -81,11 +82,7 @@ class InputConfig:
 
     def validate(self) -> None:
         """Rejects values tf.data would misread (e.g. a 0 cycle_length) before any file is opened."""
-        for name, minimum in (("shuffle_buffer", 1), ("cycle_length", 1), ("prefetch", 0)):
-            check_int(getattr(self, name), name, minimum)
-        calls = self.num_parallel_calls
-        if calls != -1:
-            check_int(calls, "num_parallel_calls (-1 = AUTOTUNE)", 1)
+        check_reading_options(self)
         if self.ram_budget_gb is not None and not (
                 isinstance(self.ram_budget_gb, (int, float)) and self.ram_budget_gb > 0):
             raise ValueError(f"ram_budget_gb must be a positive number or None, "
