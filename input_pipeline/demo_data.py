@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import fcntl
 import hashlib
 import json
 import math
@@ -47,6 +46,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
+from input_pipeline import generated_files
 from input_pipeline.demo_drawing import DEMO_CONCEPTS, draw_images, draw_labels
 
 MANIFEST_NAME = "demo_manifest.json"
@@ -181,13 +181,7 @@ def _file_sha256(path: Path) -> str:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    """Writes via a temporary name + rename so a killed run never leaves a partial `path`."""
-    tmp = path.with_name(path.name + _TMP_SUFFIX)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    generated_files.write_atomic(path, data, _TMP_SUFFIX)
 
 
 def _write_tfrecord_atomic(path: Path, records: Sequence[bytes]) -> None:
@@ -310,13 +304,9 @@ def ensure_demo_shards(out_dir: str, *, num_images: int = 4096, images_per_shard
     _validate(params)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / _LOCK_NAME, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            if not _is_complete(out, params):
-                _generate(out, params)
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with generated_files.exclusive_lock(out / _LOCK_NAME):
+        if not _is_complete(out, params):
+            _generate(out, params)
     return [str(out / f"{_shard_name(s)}.tfrecord") for s in range(params.num_shards)]
 
 
