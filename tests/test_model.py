@@ -11,7 +11,7 @@ from flax import traverse_util
 from flax.linen import meta
 
 from coyo_vit.models import VARIANTS, Model, count_params, decode_variant
-from coyo_vit.models.vit import REMAT_POLICIES, posemb_sincos_2d
+from coyo_vit.models.vit import REMAT_POLICIES, padded_dot_product_attention, posemb_sincos_2d
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 VIT_JAX_NPZ = SHARED / "fixtures" / "vit_jax_npz"
@@ -306,11 +306,35 @@ def test_runs_under_a_global_mesh_with_logical_rules(scan):
     np.testing.assert_allclose(sharded, model.apply({"params": meta.unbox(boxed)}, x), atol=1e-5)
 
 
-def test_explicit_xla_attention_matches_default():
+@pytest.mark.parametrize("pool_type", ["tok", "map"])
+def test_auto_attention_is_xla_off_gpu(pool_type):
+    # "auto" (the default) picks cuDNN only on GPUs; on this CPU it must be XLA's attention, exactly.
+    assert Model.attention_impl == "auto"
     x = images()
-    params = random_params(tiny(), x)
-    np.testing.assert_allclose(tiny(attention_impl="xla").apply({"params": params}, x),
-                               tiny().apply({"params": params}, x), atol=1e-6)
+    params = random_params(tiny(pool_type=pool_type), x)
+    np.testing.assert_array_equal(tiny(pool_type=pool_type, attention_impl="xla").apply({"params": params}, x),
+                                  tiny(pool_type=pool_type).apply({"params": params}, x))
+
+
+@pytest.mark.parametrize("q_len, multiple", [(197, 64), (197, 2), (1, 64), (64, 64)])
+def test_padded_attention_equals_unpadded_with_gradients(q_len, multiple):
+    # The path cuDNN runs on GPUs (sequences padded, padded keys masked), checked through XLA's
+    # implementation of the same masking: outputs and all three input gradients unchanged.
+    rng = np.random.default_rng(q_len)
+    q = jnp.asarray(rng.standard_normal((2, q_len, 3, 8)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((2, 197 if q_len != 64 else 64, 3, 8)), jnp.float32)
+            for _ in range(2))
+    cotangent = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+
+    def loss(attention):
+        return lambda *qkv: (attention(*qkv) * cotangent).sum()
+
+    plain = jax.value_and_grad(loss(jax.nn.dot_product_attention), argnums=(0, 1, 2))(q, k, v)
+    padded = jax.value_and_grad(loss(lambda *qkv: padded_dot_product_attention(*qkv, multiple, "xla")),
+                                argnums=(0, 1, 2))(q, k, v)
+    np.testing.assert_allclose(padded[0], plain[0], rtol=1e-5)
+    for got, want in zip(padded[1], plain[1]):
+        np.testing.assert_allclose(got, want, atol=1e-5)
 
 
 # ---------------------------------------------------------------- errors
