@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from benchmarks import device_trace
 from benchmarks import flops as flops_lib
 from benchmarks import report
 from configs import coyo_pretrain
@@ -43,7 +44,7 @@ from coyo_vit.models.vit import REMAT_POLICIES
 from coyo_vit.train_step import TrainState, init_state, make_train_step, state_shardings
 
 DTYPES = ("float32", "bfloat16")
-ATTENTION_IMPLS = ("default", "xla", "cudnn")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,12 +60,15 @@ class StepBench:
     dtype: str = "bfloat16"
     scan: bool = False
     remat_policy: str = "none"
-    attention_impl: str | None = None
+    attention_impl: str = "auto"
     warmup: int = 3
     steps: int = 20
     repeats: int = 3
     latency_round: bool = True  # one more round with a host sync after every step
     seed: int = 0
+    profile_dir: str | None = None  # after timing, trace `profile_steps` steps here
+    profile_steps: int = 3
+    dump_hlo: str | None = None  # write the optimized HLO of the step here (names the trace's kernels)
 
 
 @dataclasses.dataclass
@@ -143,6 +147,9 @@ def compile_step(built: Built, cfg: StepBench) -> tuple[Any, dict[str, Any]]:
                             "lower_cpu_s": lowered_cpu - cpu_started,
                             "compile_cpu_s": compiled_cpu - lowered_cpu}
     info.update(_xla_analysis(compiled))
+    if cfg.dump_hlo:
+        with open(cfg.dump_hlo, "w", encoding="utf-8") as f:
+            f.write(compiled.as_text())
     return compiled, info
 
 
@@ -206,6 +213,17 @@ def time_steps(compiled: Any, state: TrainState, batch: dict[str, jax.Array], cf
                    "images_per_cpu_s": cfg.batch / cpu_s if cpu_s > 0 else None, "final_loss": loss}
 
 
+def trace_steps(compiled: Any, state: TrainState, batch: dict[str, jax.Array], cfg: StepBench
+                ) -> TrainState:
+    """Records `profile_steps` back-to-back steps with jax.profiler (after the timed rounds, so
+    the profiler's own cost never enters the figures); benchmarks/device_trace.py reads it."""
+    with jax.profiler.trace(cfg.profile_dir):
+        for _ in range(cfg.profile_steps):
+            state, metrics = compiled(state, batch)
+        jax.block_until_ready((state, metrics))
+    return state
+
+
 def device_memory() -> dict[str, Any]:
     """Peak device memory of this process from the runtime (GPU/TPU; CPU reports none)."""
     stats = jax.local_devices()[0].memory_stats() or {}
@@ -250,8 +268,14 @@ def run(cfg: StepBench, *, compile_only: bool = False, peak_flops_override: floa
     batch = synthetic_batch(cfg, built.batch_sharding)
     with jax.set_mesh(built.mesh), nn.logical_axis_rules(built.rules):
         state, timing = time_steps(compiled, state, batch, cfg)
+        if cfg.profile_dir:
+            state = trace_steps(compiled, state, batch, cfg)
     del state
     result.update(timing)
+    if cfg.profile_dir:
+        summary = device_trace.summarize(device_trace.find_trace(cfg.profile_dir))
+        device_trace.print_summary(summary, cfg.profile_steps)
+        result["profile"] = summary
     result["model_tflops_per_s"] = flops_per_step / timing["step_s"] / 1e12
     result["mfu"] = flops_lib.mfu(flops_per_step, timing["step_s"], peak, jax.device_count())
     result.update(device_memory())
@@ -299,8 +323,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--scan", action="store_true", help="stack the blocks with nn.scan")
     parser.add_argument("--remat", default="none", choices=sorted(REMAT_POLICIES),
                         help="rematerialisation policy of each block")
-    parser.add_argument("--attention_impl", default="default", choices=ATTENTION_IMPLS,
-                        help="jax.nn.dot_product_attention implementation (cudnn = fused, GPU only)")
+    parser.add_argument("--attention_impl", default="auto", choices=ATTENTION_IMPLS,
+                        help="attention: auto (the model's default: cuDNN's fused kernel on GPUs, "
+                             "XLA elsewhere), xla, or cudnn (GPU only)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps after compiling")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per round")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds; the median is reported")
@@ -308,6 +333,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="peak bf16 FLOP/s per chip for a device missing from the table")
     parser.add_argument("--compile_only", action="store_true",
                         help="only lower and compile on abstract inputs (compile time, XLA memory plan)")
+    parser.add_argument("--profile_dir", default=None,
+                        help="after timing, trace --profile_steps steps with jax.profiler here and "
+                             "print where the device time went (benchmarks/device_trace.py)")
+    parser.add_argument("--profile_steps", type=int, default=3, help="steps traced for --profile_dir")
+    parser.add_argument("--dump_hlo", default=None,
+                        help="write the compiled step's optimized HLO here: what each fusion in "
+                             "the --profile_dir table computes")
     parser.add_argument("--out", default=None, help="write the result as JSON to this path")
     return parser.parse_args(argv)
 
@@ -318,8 +350,9 @@ def config_from_args(args: argparse.Namespace) -> StepBench:
         num_classes=args.num_classes, rep_size=args.rep_size or None, depth=args.depth or None,
         dtype=args.dtype,
         scan=args.scan, remat_policy=args.remat,
-        attention_impl=None if args.attention_impl == "default" else args.attention_impl,
-        warmup=args.warmup, steps=args.steps, repeats=args.repeats)
+        attention_impl=args.attention_impl,
+        warmup=args.warmup, steps=args.steps, repeats=args.repeats,
+        profile_dir=args.profile_dir, profile_steps=args.profile_steps, dump_hlo=args.dump_hlo)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

@@ -2,12 +2,15 @@
 # The GPU half of docs/performance.md in one go, most important first, each run time-boxed, so a
 # short lease on one GPU gets the MFU figure even if it ends early. TensorFlow is not needed.
 #
-#   OUT=/tmp/gpu_bench scripts/gpu_benchmarks.sh [BUDGET_SECONDS]
+#   OUT=/tmp/gpu_bench scripts/gpu_benchmarks.sh [BUDGET_SECONDS [RUN ...]]
+#
+# RUN names one measurement (see `run` below); none = all of them, most important first.
 #
 # Needs jax with its CUDA plugin, flax, optax and ml-collections. Where ml-collections cannot be
 # installed from a registry, put its wheel (pure Python) in .whl/ of the repository root first:
 #   python3 -m pip download --no-deps ml_collections==1.1.0 -d .whl
-# Each result lands as JSON in $OUT; the tables go to stdout and to $OUT/gpu_benchmarks.log.
+# Each result is a JSON, packed with the headline run's profiler trace into $OUT/gpu_benchmarks.tar.gz
+# at the end; the tables go to stdout and to $OUT/gpu_benchmarks.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_bench}
@@ -20,19 +23,52 @@ fi
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 deadline=$((SECONDS + BUDGET))
 
-bench() {  # NAME ARGS...: one accelerator run, skipped when less than a minute is left
+timed() {  # NAME COMMAND...: runs it within the time left, skipped when under a minute is left
   local name=$1; shift
   local left=$((deadline - SECONDS))
   if (( left < 60 )); then echo "== $name: skipped, ${left}s left" | tee -a "$OUT/gpu_benchmarks.log"; return; fi
   echo "== $name ($left s left)" | tee -a "$OUT/gpu_benchmarks.log"
-  timeout "$left" python3 -m benchmarks.accelerator "$@" --out "$OUT/$name.json" 2>&1 \
-    | grep -v "^WARNING\|^I0000\|^W0000" | tee -a "$OUT/gpu_benchmarks.log"
+  timeout "$left" "$@" 2>&1 | grep -v "^WARNING\|^I0000\|^W0000\|cuda_timer.cc" | tee -a "$OUT/gpu_benchmarks.log"
+}
+bench() {  # NAME ARGS...: one benchmarks.accelerator run, its JSON named NAME
+  local name=$1; shift
+  timed "$name" python3 -m benchmarks.accelerator "$@" --out "$OUT/$name.json"
 }
 
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv 2>&1 | tee "$OUT/gpu_benchmarks.log"
-bench b16_bf16_b256 --variant B/16 --batch 256 --dtype bfloat16 --steps 10 --repeats 3
-bench b16_bf16_b256_cudnn --variant B/16 --batch 256 --dtype bfloat16 --steps 10 --repeats 3 --attention_impl cudnn
-bench b16_bf16_b256_scan_dots --variant B/16 --batch 256 --dtype bfloat16 --steps 10 --repeats 3 --scan --remat dots_with_no_batch_dims_saveable
-bench l16_compile_unrolled --variant L/16 --batch 128 --dtype bfloat16 --compile_only
-bench l16_compile_scan --variant L/16 --batch 128 --dtype bfloat16 --compile_only --scan
-bench l16_bf16_b128 --variant L/16 --batch 128 --dtype bfloat16 --steps 5 --repeats 3
+python3 -c "import jax, flax, optax, sys; print('python', sys.version.split()[0], 'jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())" 2>&1 | tail -1 | tee -a "$OUT/gpu_benchmarks.log"
+B16="--variant B/16 --dtype bfloat16 --steps 10 --repeats 3"
+L16="--variant L/16 --dtype bfloat16 --batch 128"
+run() {  # NAME: one named measurement (the names are the JSON files' names)
+  case $1 in
+    attention) timed attention python3 -m benchmarks.attention --variant B/16 --batch 256 --out "$OUT/attention.json" ;;
+    # The headline figure, then where its time goes (a 3-step trace summed by kernel).
+    b16_bf16_b256_auto) bench "$1" $B16 --batch 256 --attention_impl auto --profile_dir /tmp/coyo_vit_profile \
+      --dump_hlo "$OUT/b16_bf16_b256_auto.hlo.txt" ;;
+    b16_bf16_b256_xla) bench "$1" $B16 --batch 256 --attention_impl xla ;;
+    b16_bf16_b512_auto) bench "$1" $B16 --batch 512 --attention_impl auto ;;
+    b16_bf16_b256_scan_dots) bench "$1" $B16 --batch 256 --scan --remat dots_with_no_batch_dims_saveable ;;
+    b16_bf16_b256_auto_xla_flags) XLA_FLAGS="--xla_gpu_enable_cublaslt=true --xla_gpu_enable_cudnn_layer_norm=true --xla_gpu_experimental_enable_fusion_block_level_rewriter=true" \
+      bench "$1" $B16 --batch 256 --attention_impl auto ;;
+    b16_bf16_b256_no_triton_gemm) XLA_FLAGS="--xla_gpu_enable_triton_gemm=false" bench "$1" $B16 --batch 256 --attention_impl xla ;;
+    l16_compile_unrolled) bench "$1" $L16 --compile_only ;;
+    l16_compile_scan) bench "$1" $L16 --compile_only --scan ;;
+    l16_bf16_b128_auto) bench "$1" $L16 --steps 5 --repeats 3 --attention_impl auto ;;
+    l16_bf16_b128_xla) bench "$1" $L16 --steps 5 --repeats 3 --attention_impl xla ;;
+  esac
+}
+ALL="attention b16_bf16_b256_auto b16_bf16_b256_xla l16_bf16_b128_auto b16_bf16_b512_auto
+  l16_compile_unrolled l16_compile_scan b16_bf16_b256_scan_dots l16_bf16_b128_xla b16_bf16_b256_auto_xla_flags
+  b16_bf16_b256_no_triton_gemm"
+shift || true
+(( $# == 0 )) && set -- $ALL  # everything, most important first
+for name in "$@"; do
+  [[ " $(echo $ALL) " == *" $name "* ]] || { echo "unknown run '$name'; valid: $(echo $ALL)" >&2; exit 2; }
+done
+for name in "$@"; do run "$name"; done
+
+# At most 8 files come back from some hosts: pack the JSONs and the raw trace into one archive.
+trace=$(ls -t /tmp/coyo_vit_profile/plugins/profile/*/*.trace.json.gz 2>/dev/null | head -1)
+tar -czf "$OUT/gpu_benchmarks.tar.gz" -C "$OUT" $(cd "$OUT" && ls *.json *.hlo.txt 2>/dev/null) \
+  ${trace:+-C "$(dirname "$trace")" "$(basename "$trace")"} && (cd "$OUT" && rm -f *.json *.hlo.txt)
+echo "results: $OUT/gpu_benchmarks.tar.gz, $OUT/gpu_benchmarks.log"
