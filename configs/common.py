@@ -32,6 +32,8 @@ def run_control(config: ml_collections.ConfigDict, *, log_every: int, eval_every
     config.keep_checkpoints = keep
     config.checkpoint_compression = False         # zstd: ~7% smaller, 2-3x slower writes
     config.device_prefetch = 2                    # global batches built ahead on the devices
+    config.compilation_cache_dir = ""             # keep compiled steps here (path or gs://): restarts
+                                                  # skip compiling; "" = JAX_COMPILATION_CACHE_DIR or none
     config.mesh = dict(data=-1, fsdp=1, model=1)  # -1 = all remaining devices
     config.sharding_rules = None                  # None = coyo_vit.sharding.DEFAULT_RULES
     config.param_sharding = []                    # [regex, placement] overrides, see sharding.param_shardings

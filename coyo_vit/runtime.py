@@ -39,6 +39,16 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                  jax.process_count(), jax.devices())
 
 
+def enable_compilation_cache(directory: str | None) -> None:
+    """Keeps compiled programs in `directory` (local path or gs://...), so a restarted, resumed or
+    repeated run loads its train step instead of compiling it again (XLA keys each entry by the
+    program, the devices, the compiler flags and the jax version, so a stale entry is never
+    used). None or "" leaves JAX's own setting, i.e. JAX_COMPILATION_CACHE_DIR if set."""
+    if directory:
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(directory))
+        logging.info("Compilation cache: %s", directory)
+
+
 def _quiet_orbax_info(record: logging.LogRecord) -> bool:
     """Orbax narrates every checkpoint step at INFO; keep its warnings, drop the chatter."""
     return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname

@@ -19,7 +19,7 @@ from flax import linen as nn
 from jax.experimental import multihost_utils
 
 from checkpoints.orbax_io import TrainCheckpointer
-from coyo_vit import data_setup, losses, optimizer, sharding
+from coyo_vit import data_setup, losses, optimizer, runtime, sharding
 from coyo_vit.device_prefetch import DevicePrefetcher
 from coyo_vit.evaluators.holdout import HoldoutEvaluator
 from coyo_vit.evaluators.registry import build_evaluators, is_due
@@ -34,6 +34,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     process_index, process_count = jax.process_index(), jax.process_count()
     is_main = process_index == 0
     os.makedirs(workdir, exist_ok=True)
+    runtime.enable_compilation_cache(config.get("compilation_cache_dir"))
     data = data_setup.prepare_inputs(config, workdir)  # COYO shards or classification data
     if is_main:
         with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:

@@ -53,7 +53,10 @@ def reference_run(tmp_path_factory, demo_dir) -> Path:
 
 def test_resume_after_kill_equals_uninterrupted_run(tmp_path, demo_dir, reference_run):
     workdir = tmp_path / "interrupted"
-    proc = subprocess.Popen(_train_cmd(workdir, demo_dir), cwd=REPO, stdout=subprocess.DEVNULL,
+    # Both runs share a compilation cache: the resumed one loads the steps the killed one
+    # compiled, and must still end bitwise-close to the uncached reference run.
+    cache = f"--config.compilation_cache_dir={tmp_path / 'xla_cache'}"
+    proc = subprocess.Popen(_train_cmd(workdir, demo_dir, cache), cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not any(4 <= s < STEPS for s in _finished_steps(workdir)):
@@ -70,7 +73,9 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path, demo_dir, referenc
     (partial / "state").mkdir(parents=True, exist_ok=True)
     (partial / "state" / "half_written").write_bytes(b"\0" * 100)
 
-    result = _run(_train_cmd(workdir, demo_dir))  # same command: resumes with no flag
+    cached = set(os.listdir(tmp_path / "xla_cache"))
+    assert any(name.startswith("jit_step") for name in cached), sorted(cached)
+    result = _run(_train_cmd(workdir, demo_dir, cache))  # same command: resumes with no flag
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"Resumed from step {killed_at}" in result.stderr
     assert not partial.exists()
