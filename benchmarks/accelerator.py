@@ -61,6 +61,7 @@ class StepBench:
     scan: bool = False
     remat_policy: str = "none"
     attention_impl: str = "auto"
+    attention_pad_multiple: int | None = None  # None: cuDNN pads inside each block
     warmup: int = 3
     steps: int = 20
     repeats: int = 3
@@ -91,6 +92,7 @@ def build(cfg: StepBench) -> Built:
         f"variant={cfg.variant},batch={cfg.batch},res={cfg.image_size}")
     model_kwargs = dict(recipe.model.to_dict(), dtype=cfg.dtype, scan=cfg.scan,
                         remat_policy=cfg.remat_policy, attention_impl=cfg.attention_impl,
+                        attention_pad_multiple=cfg.attention_pad_multiple,
                         rep_size=cfg.rep_size)
     if cfg.depth:
         model_kwargs["depth"] = cfg.depth
@@ -326,6 +328,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--attention_impl", default="auto", choices=ATTENTION_IMPLS,
                         help="attention: auto (the model's default: cuDNN's fused kernel on GPUs, "
                              "XLA elsewhere), xla, or cudnn (GPU only)")
+    parser.add_argument("--attention_pad_multiple", type=int, default=0,
+                        help="pad the tokens once, before the blocks, to a multiple of this "
+                             "(Model.attention_pad_multiple); 0 = cuDNN pads inside each block")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps after compiling")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per round")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds; the median is reported")
@@ -350,7 +355,7 @@ def config_from_args(args: argparse.Namespace) -> StepBench:
         num_classes=args.num_classes, rep_size=args.rep_size or None, depth=args.depth or None,
         dtype=args.dtype,
         scan=args.scan, remat_policy=args.remat,
-        attention_impl=args.attention_impl,
+        attention_impl=args.attention_impl, attention_pad_multiple=args.attention_pad_multiple or None,
         warmup=args.warmup, steps=args.steps, repeats=args.repeats,
         profile_dir=args.profile_dir, profile_steps=args.profile_steps, dump_hlo=args.dump_hlo)
 

@@ -45,6 +45,9 @@ run() {  # NAME: one named measurement (the names are the JSON files' names)
     # The headline figure, then where its time goes (a 3-step trace summed by kernel).
     b16_bf16_b256_auto) bench "$1" $B16 --batch 256 --attention_impl auto --profile_dir /tmp/coyo_vit_profile \
       --dump_hlo "$OUT/b16_bf16_b256_auto.hlo.txt" ;;
+    # The token sequence padded once to 198 (or 208) instead of q/k/v padded to 256 in every block.
+    b16_bf16_b256_pad_once2) bench "$1" $B16 --batch 256 --attention_pad_multiple 2 ;;
+    b16_bf16_b256_pad_once16) bench "$1" $B16 --batch 256 --attention_pad_multiple 16 ;;
     b16_bf16_b256_xla) bench "$1" $B16 --batch 256 --attention_impl xla ;;
     b16_bf16_b512_auto) bench "$1" $B16 --batch 512 --attention_impl auto ;;
     b16_bf16_b256_scan_dots) bench "$1" $B16 --batch 256 --scan --remat dots_with_no_batch_dims_saveable ;;
@@ -57,7 +60,8 @@ run() {  # NAME: one named measurement (the names are the JSON files' names)
     l16_bf16_b128_xla) bench "$1" $L16 --steps 5 --repeats 3 --attention_impl xla ;;
   esac
 }
-ALL="attention b16_bf16_b256_auto b16_bf16_b256_xla l16_bf16_b128_auto b16_bf16_b512_auto
+ALL="attention b16_bf16_b256_auto b16_bf16_b256_pad_once2 b16_bf16_b256_pad_once16 b16_bf16_b256_xla
+  l16_bf16_b128_auto b16_bf16_b512_auto
   l16_compile_unrolled l16_compile_scan b16_bf16_b256_scan_dots l16_bf16_b128_xla b16_bf16_b256_auto_xla_flags
   b16_bf16_b256_no_triton_gemm"
 shift || true

@@ -337,6 +337,26 @@ def test_padded_attention_equals_unpadded_with_gradients(q_len, multiple):
         np.testing.assert_allclose(got, want, atol=1e-5)
 
 
+@pytest.mark.parametrize("pool_type, scan, multiple", [
+    ("tok", False, 2), ("map", True, 2), ("gap", False, 64), ("tok", True, 64)])
+def test_padding_the_sequence_once_changes_no_output_or_gradient(pool_type, scan, multiple):
+    # The tiny model has 16/8 squared + 1 = 5 tokens: padded once to 6 (or 64), the extra tokens
+    # are masked as keys in every block and dropped before pooling.
+    x = images()
+    plain = tiny(pool_type=pool_type, scan=scan, attention_impl="xla")
+    padded = tiny(pool_type=pool_type, scan=scan, attention_impl="xla", attention_pad_multiple=multiple)
+    params = random_params(plain, x)
+
+    def loss(model):
+        return lambda p: (model.apply({"params": p}, x) ** 2).sum()
+
+    want, want_grads = jax.value_and_grad(loss(plain))(params)
+    got, got_grads = jax.value_and_grad(loss(padded))(params)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    for (path, g), w in zip(flat(got_grads).items(), flat(want_grads).values()):
+        np.testing.assert_allclose(g, w, atol=1e-5, err_msg=path)
+
+
 # ---------------------------------------------------------------- errors
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -346,6 +366,7 @@ def test_padded_attention_equals_unpadded_with_gradients(q_len, multiple):
     (dict(variant="B/16", remat_policy="sometimes"), "'dots_saveable'"),
     (dict(variant="B/16", posemb="rope"), "'sincos2d'"),
     (dict(variant="B/16", attention_impl="flash"), "'cudnn'"),
+    (dict(variant="B/16", attention_pad_multiple=0), "attention_pad_multiple"),
     (dict(variant="B/16", dropout=1.0), "dropout"),
     (dict(variant="B/16", rep_size=-3), "rep_size"),
     (dict(width=64, depth=2, mlp_dim=128, num_heads=4), "patch_size"),
