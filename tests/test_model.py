@@ -11,6 +11,7 @@ from flax import traverse_util
 from flax.linen import meta
 
 from coyo_vit.models import VARIANTS, Model, count_params, decode_variant
+from coyo_vit.models import vit as vit_module
 from coyo_vit.models.vit import REMAT_POLICIES, padded_dot_product_attention, posemb_sincos_2d
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -355,6 +356,64 @@ def test_padding_the_sequence_once_changes_no_output_or_gradient(pool_type, scan
     np.testing.assert_allclose(got, want, rtol=1e-5)
     for (path, g), w in zip(flat(got_grads).items(), flat(want_grads).values()):
         np.testing.assert_allclose(g, w, atol=1e-5, err_msg=path)
+
+
+def _refusing_cudnn(calls: list):
+    """A stand-in for jax's cuDNN attention on this GPU-less machine, refusing as jax 0.11.2 did
+    on an H100: the inference call accepts any length, the training (forward-for-VJP) rule
+    refuses odd ones. Inside, it computes XLA's attention, so results can be compared."""
+    real = jax.nn.dot_product_attention
+
+    def xla(q, k, v, lengths):
+        return real(q, k, v, key_value_seq_lengths=lengths, implementation="xla")
+
+    @jax.custom_vjp
+    def attention(q, k, v, lengths):
+        calls.append(("inference", q.shape[1]))
+        return xla(q, k, v, lengths)
+
+    def forward_for_training(q, k, v, lengths):
+        calls.append(("training", q.shape[1]))
+        if q.shape[1] % 2 or k.shape[1] % 2:
+            raise NotImplementedError(f"Unsupported sequence length Q {q.shape[1]}, KV {k.shape[1]}.")
+        out, pullback = jax.vjp(lambda *qkv: xla(*qkv, lengths), q, k, v)
+        return out, pullback
+
+    attention.defvjp(forward_for_training, lambda pullback, g: (*pullback(g), None))
+
+    def dispatch(q, k, v, *, key_value_seq_lengths=None, implementation=None):
+        if implementation != "cudnn":
+            return real(q, k, v, key_value_seq_lengths=key_value_seq_lengths, implementation=implementation)
+        lengths = key_value_seq_lengths
+        if lengths is None:
+            lengths = jnp.full((q.shape[0],), k.shape[1], jnp.int32)
+        return attention(q, k, v, lengths)
+    return dispatch
+
+
+@pytest.mark.parametrize("scan, remat", [(False, "none"), (True, "none"), (False, "full")])
+def test_auto_attention_falls_back_when_cudnn_refuses_training_shapes(monkeypatch, scan, remat):
+    # Under nn.scan or remat the training rule would only run when the step is differentiated,
+    # outside the fallback; `auto` runs it up front. Padded once to 7 tokens (refused), it must
+    # retry at 64 tokens (accepted) and train exactly like XLA's attention.
+    calls: list = []
+    monkeypatch.setattr(jax.nn, "dot_product_attention", _refusing_cudnn(calls))
+    monkeypatch.setattr(vit_module, "cudnn_attention_is_default", lambda: True)
+    x = images()
+    auto = tiny(scan=scan, remat_policy=remat, attention_pad_multiple=7)
+    xla = tiny(scan=scan, remat_policy=remat, attention_impl="xla")
+    params = random_params(xla, x)
+
+    def grads(model):
+        return jax.jit(jax.grad(lambda p: (model.apply({"params": p}, x, train=True) ** 2).sum()))(params)
+
+    got = grads(auto)
+    assert ("training", 7) in calls and ("training", 64) in calls
+    for (path, g), w in zip(flat(got).items(), flat(grads(xla)).values()):
+        np.testing.assert_allclose(g, w, atol=1e-5, err_msg=path)
+    with pytest.raises(NotImplementedError, match="Q 7"):  # asked for cuDNN alone: the refusal shows
+        jax.eval_shape(lambda q: jax.vjp(lambda q: vit_module.padded_dot_product_attention(
+            q, q, q, 7, "cudnn"), q)[0], jnp.zeros((1, 5, 2, 8)))
 
 
 # ---------------------------------------------------------------- errors

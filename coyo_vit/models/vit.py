@@ -192,11 +192,34 @@ def padded_dot_product_attention(query: Array, key: Array, value: Array, multipl
         return jnp.pad(x, ((0, 0), (0, extra), (0, 0), (0, 0))) if extra else x
 
     key, value = pad(key, kv_len), pad(value, kv_len)
-    kv_lengths = (jnp.full((query.shape[0],), kv_length, jnp.int32)
-                  if kv_length < key.shape[1] else None)
+    kv_lengths = None
+    if kv_length < key.shape[1]:  # laid out like the batch, as the sharded kernels expect
+        kv_lengths = _constrain(jnp.full((query.shape[0],), kv_length, jnp.int32), ("batch",))
     out = jax.nn.dot_product_attention(pad(query, q_len), key, value,
                                        key_value_seq_lengths=kv_lengths, implementation=implementation)
     return out[:, :q_len]
+
+
+def cudnn_attention_is_default() -> bool:
+    """Whether "auto" tries cuDNN: CUDA GPUs of compute capability 8.0 (Ampere) or newer, where
+    its fused bf16/fp16 kernels exist; older GPUs, ROCm, CPUs and TPUs keep XLA's attention."""
+    if jax.default_backend() != "gpu":
+        return False
+    capability = getattr(jax.devices()[0], "compute_capability", None)
+    try:
+        return capability is not None and float(capability) >= 8.0
+    except ValueError:
+        return False
+
+
+def _cudnn_training_checks(query: Array, key: Array, value: Array, multiple: int,
+                           kv_length: int | None) -> None:
+    """Runs cuDNN's forward-for-training rule on abstract inputs, now: under nn.scan or remat the
+    real one only runs when the step is differentiated, too late for the fallback to see it."""
+    def forward(q, k, v):
+        return jax.vjp(lambda *qkv: padded_dot_product_attention(*qkv, multiple, "cudnn", kv_length),
+                       q, k, v)[0]
+    jax.eval_shape(forward, *(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (query, key, value)))
 
 
 def _attention(query: Array, key: Array, value: Array, implementation: str | None,
@@ -204,17 +227,19 @@ def _attention(query: Array, key: Array, value: Array, implementation: str | Non
     """Attention over the first `kv_length` keys (None: all) with the requested implementation.
 
     cuDNN is tried on the sequence as given first when it was already padded once for it
-    (`kv_length` set), then padded here to a multiple of 64; "auto" falls back to XLA when
-    cuDNN refuses (its shape, dtype and version checks run while tracing, so refusals land here).
+    (`kv_length` set), then padded here to a multiple of 64. "auto" falls back to XLA when
+    cuDNN refuses while tracing (dtype, shape, version; the training checks are run up front);
+    a refusal when XLA compiles the step has no fallback and needs `attention_impl="xla"`.
     """
     def xla() -> Array:
         return padded_dot_product_attention(query, key, value, 1, "xla", kv_length)
 
-    if implementation in (None, "xla") or (implementation == "auto" and jax.default_backend() != "gpu"):
+    if implementation in (None, "xla") or (implementation == "auto" and not cudnn_attention_is_default()):
         return xla()
     multiples = (1, CUDNN_SEQUENCE_MULTIPLE) if kv_length is not None else (CUDNN_SEQUENCE_MULTIPLE,)
     for i, multiple in enumerate(multiples):
         try:
+            _cudnn_training_checks(query, key, value, multiple, kv_length)
             return padded_dot_product_attention(query, key, value, multiple, "cudnn", kv_length)
         except (NotImplementedError, RuntimeError):
             if i + 1 == len(multiples) and implementation == "cudnn":
@@ -335,7 +360,8 @@ class Encoder(nn.Module):
         rates = np.linspace(0.0, self.stoch_depth, self.depth, dtype=np.float32)
         block_kwargs = dict(mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout=self.dropout,
                             use_drop_path=self.stoch_depth > 0, dtype=self.dtype,
-                            attention_impl=self.attention_impl, kv_length=length if extra else None)
+                            attention_impl=self.attention_impl,
+                            kv_length=length if self.pad_multiple else None)
         block_cls = Encoder1DBlock
         policy = REMAT_POLICIES[self.remat_policy]
         if self.remat_policy != "none":
@@ -444,6 +470,7 @@ class Model(nn.Module):
     # token sequence once, before the blocks, to a multiple of m instead (padded tokens are masked
     # as keys and dropped after the blocks): fewer copies if cuDNN accepts that length (m = 2
     # gives 198 tokens for 224px /16). Applied whatever the implementation; meant for GPUs.
+    # Dropout masks are drawn over the padded shape, so runs with dropout differ from unpadded ones.
     attention_pad_multiple: int | None = None
 
     def __post_init__(self) -> None:
