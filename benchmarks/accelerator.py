@@ -219,6 +219,8 @@ def trace_steps(compiled: Any, state: TrainState, batch: dict[str, jax.Array], c
                 ) -> TrainState:
     """Records `profile_steps` back-to-back steps with jax.profiler (after the timed rounds, so
     the profiler's own cost never enters the figures); benchmarks/device_trace.py reads it."""
+    if cfg.profile_steps < 1:
+        raise ValueError(f"--profile_steps must be >= 1, got {cfg.profile_steps}")
     with jax.profiler.trace(cfg.profile_dir):
         for _ in range(cfg.profile_steps):
             state, metrics = compiled(state, batch)

@@ -24,9 +24,11 @@ from typing import Any
 
 from benchmarks import report
 
-# Kernel-name fragments of each kind (cuBLAS/cuBLASLt/CUTLASS/Triton GEMMs, cuDNN/XLA attention).
+# Kernel-name fragments of each kind, first match wins: cuDNN's attention kernels (its fused
+# kernels and the helpers of their backward pass, cudnn::fusion::...), then
+# cuBLAS/cuBLASLt/CUTLASS/Triton GEMMs. cuDNN's convolution (the patch embedding) counts as matmul.
 KERNEL_KINDS: tuple[tuple[str, re.Pattern[str]], ...] = (
-    ("attention", re.compile(r"fmha|flash|attention|cudnn_generated|softmax", re.I)),
+    ("attention", re.compile(r"fmha|flash|attention|cudnn_generated|cudnn::fusion::|softmax", re.I)),
     ("matmul", re.compile(r"gemm|xmma|cutlass|nvjet|cublas|matmul|triton_dot|wgmma|hgmma|dot", re.I)),
     ("copy/memset", re.compile(r"memcpy|memset|copy", re.I)),
 )

@@ -4,7 +4,8 @@
 #
 #   OUT=/tmp/gpu_bench scripts/gpu_benchmarks.sh [BUDGET_SECONDS [RUN ...]]
 #
-# RUN names one measurement (see `run` below); none = all of them, most important first.
+# RUN names one measurement (see `run` below); none = all of them, most important first. Use a
+# fresh OUT per invocation: the log and the archive in it are rewritten.
 #
 # Needs jax with its CUDA plugin, flax, optax and ml-collections. Where ml-collections cannot be
 # installed from a registry, put its wheel (pure Python) in .whl/ of the repository root first:
@@ -15,7 +16,18 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_bench}
 BUDGET=${1:-540}
+[[ $BUDGET =~ ^[0-9]+$ ]] || { echo "BUDGET_SECONDS must be a whole number of seconds, got '$BUDGET'" >&2; exit 2; }
+ALL="attention b16_bf16_b256_auto b16_bf16_b256_pad_once2 b16_bf16_b256_pad_once16 b16_bf16_b256_xla
+  l16_bf16_b128_auto b16_bf16_b512_auto
+  l16_compile_unrolled l16_compile_scan b16_bf16_b256_scan_dots l16_bf16_b128_xla b16_bf16_b256_auto_xla_flags
+  b16_bf16_b256_no_triton_gemm"
+shift || true
+(( $# == 0 )) && set -- $ALL  # everything, most important first
+for name in "$@"; do
+  [[ $name =~ ^[a-z0-9_]+$ && " $(echo $ALL) " == *" $name "* ]] || { echo "unknown run '$name'; valid: $(echo $ALL)" >&2; exit 2; }
+done
 mkdir -p "$OUT"
+rm -rf /tmp/coyo_vit_profile  # a trace left by an earlier invocation must not be packed as this one's
 if ! python3 -c "import ml_collections" 2>/dev/null && ls .whl/ml_collections-*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/coyo_vit_site .whl/ml_collections-*.whl || exit 1
   export PYTHONPATH=/tmp/coyo_vit_site${PYTHONPATH:+:$PYTHONPATH}
@@ -28,7 +40,7 @@ timed() {  # NAME COMMAND...: runs it within the time left, skipped when under a
   local left=$((deadline - SECONDS))
   if (( left < 60 )); then echo "== $name: skipped, ${left}s left" | tee -a "$OUT/gpu_benchmarks.log"; return; fi
   echo "== $name ($left s left)" | tee -a "$OUT/gpu_benchmarks.log"
-  timeout "$left" "$@" 2>&1 | grep -v "^WARNING\|^I0000\|^W0000\|cuda_timer.cc" | tee -a "$OUT/gpu_benchmarks.log"
+  timeout "$left" "$@" 2>&1 | grep --line-buffered -v "^WARNING\|^I0000\|^W0000\|cuda_timer.cc" | tee -a "$OUT/gpu_benchmarks.log"
 }
 bench() {  # NAME ARGS...: one benchmarks.accelerator run, its JSON named NAME
   local name=$1; shift
@@ -60,15 +72,6 @@ run() {  # NAME: one named measurement (the names are the JSON files' names)
     l16_bf16_b128_xla) bench "$1" $L16 --steps 5 --repeats 3 --attention_impl xla ;;
   esac
 }
-ALL="attention b16_bf16_b256_auto b16_bf16_b256_pad_once2 b16_bf16_b256_pad_once16 b16_bf16_b256_xla
-  l16_bf16_b128_auto b16_bf16_b512_auto
-  l16_compile_unrolled l16_compile_scan b16_bf16_b256_scan_dots l16_bf16_b128_xla b16_bf16_b256_auto_xla_flags
-  b16_bf16_b256_no_triton_gemm"
-shift || true
-(( $# == 0 )) && set -- $ALL  # everything, most important first
-for name in "$@"; do
-  [[ " $(echo $ALL) " == *" $name "* ]] || { echo "unknown run '$name'; valid: $(echo $ALL)" >&2; exit 2; }
-done
 for name in "$@"; do run "$name"; done
 
 # At most 8 files come back from some hosts: pack the JSONs and the raw trace into one archive.

@@ -34,8 +34,8 @@ def _train_cmd(workdir, demo_dir, *extra):
             "--config.demo_data.num_images=1024", *SMALL, *extra]
 
 
-def _run(cmd, timeout=300):
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+def _run(cmd, timeout=300, env=None):
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def _finished_steps(workdir: Path) -> list[int]:
@@ -55,9 +55,11 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path, demo_dir, referenc
     workdir = tmp_path / "interrupted"
     # Both runs share a compilation cache: the resumed one loads the steps the killed one
     # compiled, and must still end bitwise-close to the uncached reference run.
+    # JAX caches only programs that took >= 1 s to compile unless told otherwise.
     cache = f"--config.compilation_cache_dir={tmp_path / 'xla_cache'}"
+    env = {**os.environ, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
     proc = subprocess.Popen(_train_cmd(workdir, demo_dir, cache), cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            stderr=subprocess.DEVNULL, env=env)
     deadline = time.time() + 300
     while not any(4 <= s < STEPS for s in _finished_steps(workdir)):
         assert proc.poll() is None, "training ended before it could be interrupted"
@@ -75,7 +77,7 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path, demo_dir, referenc
 
     cached = set(os.listdir(tmp_path / "xla_cache"))
     assert any(name.startswith("jit_step") for name in cached), sorted(cached)
-    result = _run(_train_cmd(workdir, demo_dir, cache))  # same command: resumes with no flag
+    result = _run(_train_cmd(workdir, demo_dir, cache), env=env)  # same command: resumes with no flag
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"Resumed from step {killed_at}" in result.stderr
     assert not partial.exists()
