@@ -30,11 +30,15 @@ def check_int(value: Any, name: str, minimum: int) -> None:
 
 def check_reading_options(cfg: Any) -> None:
     """The tf.data settings both input configs share, checked before any file is opened (e.g. a
-    0 cycle_length that tf.data would misread)."""
+    0 cycle_length that tf.data would misread, or a RAM budget that is not a positive number)."""
     for name, minimum in (("shuffle_buffer", 1), ("cycle_length", 1), ("prefetch", 0)):
         check_int(getattr(cfg, name), name, minimum)
     if cfg.num_parallel_calls != -1:
         check_int(cfg.num_parallel_calls, "num_parallel_calls (-1 = AUTOTUNE)", 1)
+    budget = cfg.ram_budget_gb
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
+                               or not budget > 0):
+        raise ValueError(f"ram_budget_gb must be a positive number or None, got {budget!r}")
 
 
 def check_seed(seed: Any) -> None:

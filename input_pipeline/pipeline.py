@@ -83,10 +83,6 @@ class InputConfig:
     def validate(self) -> None:
         """Rejects values tf.data would misread (e.g. a 0 cycle_length) before any file is opened."""
         check_reading_options(self)
-        if self.ram_budget_gb is not None and not (
-                isinstance(self.ram_budget_gb, (int, float)) and self.ram_budget_gb > 0):
-            raise ValueError(f"ram_budget_gb must be a positive number or None, "
-                             f"got {self.ram_budget_gb!r}")
         if not isinstance(self.strict, bool):
             raise ValueError(f"strict must be True or False, got {self.strict!r}")
         if self.exclude_keys_file is not None and not (

@@ -269,6 +269,10 @@ def test_bad_inputs_fail_with_named_values(tmp_path, imagenet_dir, photo_folder)
                               batch_size=2)
     with pytest.raises(ValueError, match="unknown keys \\['files'\\]"):
         cd.build_eval_dataset({"data": dict(folder, files="x"), "pp_eval": PP_EVAL_1K}, batch_size=2)
+    for budget in (0, -2.0, "4", True):  # the COYO input config has always refused these
+        with pytest.raises(ValueError, match=f"ram_budget_gb must be a positive number or None, got {budget!r}"):
+            cd.build_eval_dataset({"data": dict(folder, split="train"), "pp_eval": PP_EVAL_1K,
+                                   "ram_budget_gb": budget}, batch_size=2)
     with pytest.raises(ValueError, match="not a classification source; valid: tfds, imagefolder"):
         cd.build_eval_dataset({"data": {"name": "coyo", "split": "x"}, "pp_eval": "decode"},
                               batch_size=2)
