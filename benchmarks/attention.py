@@ -27,7 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import report
-from coyo_vit.models.vit import CUDNN_SEQUENCE_MULTIPLE, decode_variant, padded_dot_product_attention
+from coyo_vit.models.attention_backends import CUDNN_SEQUENCE_MULTIPLE, padded_dot_product_attention
+from coyo_vit.models.vit import decode_variant
 
 Array = jax.Array
 

@@ -11,8 +11,9 @@ from flax import traverse_util
 from flax.linen import meta
 
 from coyo_vit.models import VARIANTS, Model, count_params, decode_variant
-from coyo_vit.models import vit as vit_module
-from coyo_vit.models.vit import REMAT_POLICIES, padded_dot_product_attention, posemb_sincos_2d
+from coyo_vit.models import attention_backends
+from coyo_vit.models.attention_backends import padded_dot_product_attention
+from coyo_vit.models.vit import REMAT_POLICIES, posemb_sincos_2d
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 VIT_JAX_NPZ = SHARED / "fixtures" / "vit_jax_npz"
@@ -398,7 +399,7 @@ def test_auto_attention_falls_back_when_cudnn_refuses_training_shapes(monkeypatc
     # retry at 64 tokens (accepted) and train exactly like XLA's attention.
     calls: list = []
     monkeypatch.setattr(jax.nn, "dot_product_attention", _refusing_cudnn(calls))
-    monkeypatch.setattr(vit_module, "cudnn_attention_is_default", lambda: True)
+    monkeypatch.setattr(attention_backends, "cudnn_attention_is_default", lambda: True)
     x = images()
     auto = tiny(scan=scan, remat_policy=remat, attention_pad_multiple=7)
     xla = tiny(scan=scan, remat_policy=remat, attention_impl="xla")
@@ -412,7 +413,7 @@ def test_auto_attention_falls_back_when_cudnn_refuses_training_shapes(monkeypatc
     for (path, g), w in zip(flat(got).items(), flat(grads(xla)).values()):
         np.testing.assert_allclose(g, w, atol=1e-5, err_msg=path)
     with pytest.raises(NotImplementedError, match="Q 7"):  # asked for cuDNN alone: the refusal shows
-        jax.eval_shape(lambda q: jax.vjp(lambda q: vit_module.padded_dot_product_attention(
+        jax.eval_shape(lambda q: jax.vjp(lambda q: padded_dot_product_attention(
             q, q, q, 7, "cudnn"), q)[0], jnp.zeros((1, 5, 2, 8)))
 
 

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from coyo_vit.models import pixels
+from coyo_vit.models import attention_backends, pixels
 
 Array = jax.Array
 Initializer = Callable[..., Any]
@@ -38,9 +38,7 @@ VARIANTS: dict[str, dict[str, int]] = {
 
 POOL_TYPES = ("tok", "gap", "map")
 POSEMB_TYPES = ("learn", "sincos2d")
-# None / "xla": XLA's attention; "cudnn": cuDNN's fused kernel (GPU only, fails elsewhere);
-# "auto": cuDNN on GPUs where it accepts the shapes, XLA everywhere else.
-ATTENTION_IMPLS = (None, "xla", "cudnn", "auto")
+ATTENTION_IMPLS = attention_backends.IMPLEMENTATIONS
 
 # "none" means no rematerialisation at all; every other name is a jax.checkpoint policy
 # ("full" is the usual alias for saving nothing, i.e. recomputing the whole block).
@@ -170,90 +168,12 @@ class MergeHeadsDense(nn.Module):
         return y + bias.astype(self.dtype)
 
 
-# cuDNN's fused (flash) attention refuses some sequence lengths in training (197, ViT's 14x14
-# patches + class token, among them); it tiles by 64 or 128 tokens anyway, so padding to a
-# multiple of 64 and masking the padded keys costs it no extra tiles.
-CUDNN_SEQUENCE_MULTIPLE = 64
-
-
-def padded_dot_product_attention(query: Array, key: Array, value: Array, multiple: int,
-                                 implementation: str | None = None,
-                                 kv_length: int | None = None) -> Array:
-    """`jax.nn.dot_product_attention` over [batch, length, heads, head_dim] inputs whose query
-    and key lengths are padded up to `multiple`; keys from `kv_length` on (default: the key
-    length, i.e. only the padding) are masked out, padded queries are dropped from the output,
-    so the result and its gradients equal the unpadded attention's over the first `kv_length`
-    keys."""
-    q_len, kv_len = query.shape[1], key.shape[1]
-    kv_length = kv_len if kv_length is None else kv_length
-
-    def pad(x: Array, length: int) -> Array:
-        extra = -length % multiple
-        return jnp.pad(x, ((0, 0), (0, extra), (0, 0), (0, 0))) if extra else x
-
-    key, value = pad(key, kv_len), pad(value, kv_len)
-    kv_lengths = None
-    if kv_length < key.shape[1]:  # laid out like the batch, as the sharded kernels expect
-        kv_lengths = _constrain(jnp.full((query.shape[0],), kv_length, jnp.int32), ("batch",))
-    out = jax.nn.dot_product_attention(pad(query, q_len), key, value,
-                                       key_value_seq_lengths=kv_lengths, implementation=implementation)
-    return out[:, :q_len]
-
-
-def cudnn_attention_is_default() -> bool:
-    """Whether "auto" tries cuDNN: CUDA GPUs of compute capability 8.0 (Ampere) or newer, where
-    its fused bf16/fp16 kernels exist; older GPUs, ROCm, CPUs and TPUs keep XLA's attention."""
-    if jax.default_backend() != "gpu":
-        return False
-    capability = getattr(jax.devices()[0], "compute_capability", None)
-    try:
-        return capability is not None and float(capability) >= 8.0
-    except ValueError:
-        return False
-
-
-def _cudnn_training_checks(query: Array, key: Array, value: Array, multiple: int,
-                           kv_length: int | None) -> None:
-    """Runs cuDNN's forward-for-training rule on abstract inputs, now: under nn.scan or remat the
-    real one only runs when the step is differentiated, too late for the fallback to see it."""
-    def forward(q, k, v):
-        return jax.vjp(lambda *qkv: padded_dot_product_attention(*qkv, multiple, "cudnn", kv_length),
-                       q, k, v)[0]
-    jax.eval_shape(forward, *(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (query, key, value)))
-
-
-def _attention(query: Array, key: Array, value: Array, implementation: str | None,
-               kv_length: int | None = None) -> Array:
-    """Attention over the first `kv_length` keys (None: all) with the requested implementation.
-
-    cuDNN is tried on the sequence as given first when it was already padded once for it
-    (`kv_length` set), then padded here to a multiple of 64. "auto" falls back to XLA when
-    cuDNN refuses while tracing (dtype, shape, version; the training checks are run up front);
-    a refusal when XLA compiles the step has no fallback and needs `attention_impl="xla"`.
-    """
-    def xla() -> Array:
-        return padded_dot_product_attention(query, key, value, 1, "xla", kv_length)
-
-    if implementation in (None, "xla") or (implementation == "auto" and not cudnn_attention_is_default()):
-        return xla()
-    multiples = (1, CUDNN_SEQUENCE_MULTIPLE) if kv_length is not None else (CUDNN_SEQUENCE_MULTIPLE,)
-    for i, multiple in enumerate(multiples):
-        try:
-            _cudnn_training_checks(query, key, value, multiple, kv_length)
-            return padded_dot_product_attention(query, key, value, multiple, "cudnn", kv_length)
-        except (NotImplementedError, RuntimeError):
-            if i + 1 == len(multiples) and implementation == "cudnn":
-                raise
-    return xla()
-
-
 class Attention(nn.Module):
     """Multi-head attention with flax's MultiHeadDotProductAttention parameter layout.
 
-    The score/softmax/value product goes through `jax.nn.dot_product_attention` so that GPUs
-    can use the fused cuDNN (flash) kernel (`implementation="cudnn"`; sequences are padded to
-    a length it accepts); the projections keep the [D, H, D/H] kernels that released
-    checkpoints store.
+    The score/softmax/value product is `attention_backends.attend` (XLA's, or cuDNN's fused
+    kernel on GPUs, padded to a length it accepts); the projections keep the [D, H, D/H]
+    kernels that released checkpoints store.
     """
 
     num_heads: int
@@ -273,7 +193,7 @@ class Attention(nn.Module):
         query = project("query", inputs_q)
         key = project("key", inputs_kv)
         value = project("value", inputs_kv)
-        out = _attention(query, key, value, self.implementation, self.kv_length)
+        out = attention_backends.attend(query, key, value, self.implementation, self.kv_length)
         out = _constrain(out, _HEADS)
         out = MergeHeadsDense(width, dtype=self.dtype, name="out")(out)
         return _constrain(out, _TOKENS)

@@ -1,0 +1,94 @@
+"""Which kernel computes attention's score/softmax/value product, and the padding cuDNN needs.
+
+`attend` is what `vit.Attention` calls between its projections: XLA's attention, or cuDNN's
+fused (flash) kernel on GPUs, with the sequence padded to a length cuDNN accepts and the padded
+keys masked. Pure functions of [batch, length, heads, head_dim] arrays; no parameters.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+Array = jax.Array
+
+# None / "xla": XLA's attention; "cudnn": cuDNN's fused kernel (GPU only, fails elsewhere);
+# "auto": cuDNN on GPUs where it accepts the shapes, XLA everywhere else.
+IMPLEMENTATIONS = (None, "xla", "cudnn", "auto")
+
+# cuDNN's fused (flash) attention refuses some sequence lengths in training (197, ViT's 14x14
+# patches + class token, among them); it tiles by 64 or 128 tokens anyway, so padding to a
+# multiple of 64 and masking the padded keys costs it no extra tiles.
+CUDNN_SEQUENCE_MULTIPLE = 64
+
+
+def padded_dot_product_attention(query: Array, key: Array, value: Array, multiple: int,
+                                 implementation: str | None = None,
+                                 kv_length: int | None = None) -> Array:
+    """`jax.nn.dot_product_attention` over [batch, length, heads, head_dim] inputs whose query
+    and key lengths are padded up to `multiple`; keys from `kv_length` on (default: the key
+    length, i.e. only the padding) are masked out, padded queries are dropped from the output,
+    so the result and its gradients equal the unpadded attention's over the first `kv_length`
+    keys."""
+    q_len, kv_len = query.shape[1], key.shape[1]
+    kv_length = kv_len if kv_length is None else kv_length
+
+    def pad(x: Array, length: int) -> Array:
+        extra = -length % multiple
+        return jnp.pad(x, ((0, 0), (0, extra), (0, 0), (0, 0))) if extra else x
+
+    key, value = pad(key, kv_len), pad(value, kv_len)
+    kv_lengths = None
+    if kv_length < key.shape[1]:  # laid out like the batch, as the sharded kernels expect
+        kv_lengths = nn.with_logical_constraint(
+            jnp.full((query.shape[0],), kv_length, jnp.int32), ("batch",))
+    out = jax.nn.dot_product_attention(pad(query, q_len), key, value,
+                                       key_value_seq_lengths=kv_lengths, implementation=implementation)
+    return out[:, :q_len]
+
+
+def cudnn_attention_is_default() -> bool:
+    """Whether "auto" tries cuDNN: CUDA GPUs of compute capability 8.0 (Ampere) or newer, where
+    its fused bf16/fp16 kernels exist; older GPUs, ROCm, CPUs and TPUs keep XLA's attention."""
+    if jax.default_backend() != "gpu":
+        return False
+    capability = getattr(jax.devices()[0], "compute_capability", None)
+    try:
+        return capability is not None and float(capability) >= 8.0
+    except ValueError:
+        return False
+
+
+def _cudnn_training_checks(query: Array, key: Array, value: Array, multiple: int,
+                           kv_length: int | None) -> None:
+    """Runs cuDNN's forward-for-training rule on abstract inputs, now: under nn.scan or remat the
+    real one only runs when the step is differentiated, too late for the fallback to see it."""
+    def forward(q, k, v):
+        return jax.vjp(lambda *qkv: padded_dot_product_attention(*qkv, multiple, "cudnn", kv_length),
+                       q, k, v)[0]
+    jax.eval_shape(forward, *(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (query, key, value)))
+
+
+def attend(query: Array, key: Array, value: Array, implementation: str | None,
+               kv_length: int | None = None) -> Array:
+    """Attention over the first `kv_length` keys (None: all) with the requested implementation.
+
+    cuDNN is tried on the sequence as given first when it was already padded once for it
+    (`kv_length` set), then padded here to a multiple of 64. "auto" falls back to XLA when
+    cuDNN refuses while tracing (dtype, shape, version; the training checks are run up front);
+    a refusal when XLA compiles the step has no fallback and needs `attention_impl="xla"`.
+    """
+    def xla() -> Array:
+        return padded_dot_product_attention(query, key, value, 1, "xla", kv_length)
+
+    if implementation in (None, "xla") or (implementation == "auto" and not cudnn_attention_is_default()):
+        return xla()
+    multiples = (1, CUDNN_SEQUENCE_MULTIPLE) if kv_length is not None else (CUDNN_SEQUENCE_MULTIPLE,)
+    for i, multiple in enumerate(multiples):
+        try:
+            _cudnn_training_checks(query, key, value, multiple, kv_length)
+            return padded_dot_product_attention(query, key, value, multiple, "cudnn", kv_length)
+        except (NotImplementedError, RuntimeError):
+            if i + 1 == len(multiples) and implementation == "cudnn":
+                raise
+    return xla()
