@@ -35,6 +35,7 @@ from configs import demo  # noqa: E402
 from coyo_vit import losses, optimizer, sharding  # noqa: E402
 from coyo_vit.models import Model, pixels  # noqa: E402
 from coyo_vit.train_step import TrainState, make_train_step, state_shardings  # noqa: E402
+from input_pipeline import pp_parser  # noqa: E402
 
 
 def loop_config(args: argparse.Namespace, data_dir: str) -> ml_collections.ConfigDict:
@@ -146,8 +147,7 @@ class BareStep:
 def pipeline_image_dtype(config: ml_collections.ConfigDict) -> str:
     """The image dtype the loop's train pipeline sends: float32 after a value_range op, else uint8
     (models/pixels.py); the bare step gets the same, so both run the same compiled step."""
-    ops = [op.split("(")[0].strip() for op in config.input.pp_train.split("|")]
-    return "float32" if "value_range" in ops else "uint8"
+    return "float32" if "value_range" in pp_parser.op_names(config.input.pp_train) else "uint8"
 
 
 def paired_ratios(loop: list[float], bare: list[float]) -> list[float]:

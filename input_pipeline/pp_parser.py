@@ -30,6 +30,20 @@ def parse(pp: str) -> Callable[[Features], Features]:
     return preprocess
 
 
+def op_names(pp: str) -> list[str]:
+    """The op names of `pp`, left to right, read the way `parse` reads them (nothing is built)."""
+    return [_op_name(node, pp) for node in _split_ops(pp)]
+
+
+def _op_name(node: ast.expr, pp: str) -> str:
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+        return node.func.id
+    raise ValueError(f"pp string {pp!r}: {ast.unparse(node)!r} is not an op name or "
+                     "`name(args)` call")
+
+
 def _split_ops(pp: str) -> list[ast.expr]:
     """Returns the node of each op of the `|`-chain, left to right."""
     if not isinstance(pp, str) or not pp.strip():
@@ -50,19 +64,13 @@ def _split_ops(pp: str) -> list[ast.expr]:
 
 def _build_op(node: ast.expr, pp: str) -> registry.OpFn:
     """Looks the op up in the registry and calls its factory with the literal arguments."""
-    if isinstance(node, ast.Name):
-        name, args, kwargs = node.id, [], {}
-    elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
-        name = node.func.id
+    name, args, kwargs = _op_name(node, pp), [], {}
+    if isinstance(node, ast.Call):
         args = [_literal(a, name, pp) for a in node.args]
-        kwargs = {}
         for kw in node.keywords:
             if kw.arg is None:
                 raise ValueError(f"pp op {name!r} in {pp!r}: `**kwargs` is not supported")
             kwargs[kw.arg] = _literal(kw.value, name, pp)
-    else:
-        raise ValueError(f"pp string {pp!r}: {ast.unparse(node)!r} is not an op name or "
-                         "`name(args)` call")
     factory = registry.get(name)
     try:
         inspect.signature(factory).bind(*args, **kwargs)
