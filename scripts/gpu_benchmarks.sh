@@ -17,17 +17,18 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_bench}
 BUDGET=${1:-540}
 [[ $BUDGET =~ ^[0-9]+$ ]] || { echo "BUDGET_SECONDS must be a whole number of seconds, got '$BUDGET'" >&2; exit 2; }
-ALL="attention b16_bf16_b256_auto b16_bf16_b256_pad_once2 b16_bf16_b256_pad_once16 b16_bf16_b256_xla
-  l16_bf16_b128_auto b16_bf16_b512_auto
-  l16_compile_unrolled l16_compile_scan b16_bf16_b256_scan_dots l16_bf16_b128_xla b16_bf16_b256_auto_xla_flags
-  b16_bf16_b256_no_triton_gemm"
+ALL="attention b16_bf16_b256_auto b16_bf16_b256_per_block b16_bf16_b256_cublaslt b16_bf16_b256_cudnn_ln
+  l16_bf16_b128_auto b16_bf16_b512_auto b16_bf16_b256_pad_once16
+  b16_bf16_b256_xla l16_compile_unrolled l16_compile_scan b16_bf16_b256_scan_dots l16_bf16_b128_xla
+  b16_bf16_b256_auto_xla_flags b16_bf16_b256_no_triton_gemm"
 shift || true
 (( $# == 0 )) && set -- $ALL  # everything, most important first
 for name in "$@"; do
   [[ $name =~ ^[a-z0-9_]+$ && " $(echo $ALL) " == *" $name "* ]] || { echo "unknown run '$name'; valid: $(echo $ALL)" >&2; exit 2; }
 done
 mkdir -p "$OUT"
-rm -rf /tmp/coyo_vit_profile  # a trace left by an earlier invocation must not be packed as this one's
+PROFILES=/tmp/coyo_vit_profile
+rm -rf "$PROFILES"  # a trace left by an earlier invocation must not be packed as this one's
 if ! python3 -c "import ml_collections" 2>/dev/null && ls .whl/ml_collections-*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/coyo_vit_site .whl/ml_collections-*.whl || exit 1
   export PYTHONPATH=/tmp/coyo_vit_site${PYTHONPATH:+:$PYTHONPATH}
@@ -54,14 +55,18 @@ L16="--variant L/16 --dtype bfloat16 --batch 128"
 run() {  # NAME: one named measurement (the names are the JSON files' names)
   case $1 in
     attention) timed attention python3 -m benchmarks.attention --variant B/16 --batch 256 --out "$OUT/attention.json" ;;
-    # The headline figure, then where its time goes (a 3-step trace summed by kernel).
-    b16_bf16_b256_auto) bench "$1" $B16 --batch 256 --attention_impl auto --profile_dir /tmp/coyo_vit_profile \
-      --dump_hlo "$OUT/b16_bf16_b256_auto.hlo.txt" ;;
-    # The token sequence padded once to 198 (or 208) instead of q/k/v padded to 256 in every block.
-    b16_bf16_b256_pad_once2) bench "$1" $B16 --batch 256 --attention_pad_multiple 2 ;;
+    # The headline figure, then where its time goes (a 3-step trace summed by kernel, and the
+    # optimized HLO that says what each fusion computes).
+    b16_bf16_b256_auto) bench "$1" $B16 --batch 256 --attention_impl auto --profile_dir "$PROFILES/$1" \
+      --dump_hlo "$OUT/$1.hlo.txt" ;;
+    # Padding inside each block (q/k/v to 198, sliced back) instead of the tokens once (default).
+    b16_bf16_b256_per_block) bench "$1" $B16 --batch 256 --attention_pad_multiple 1 ;;
+    # One XLA flag at a time: cuBLASLt (bias/GELU epilogues fused into the GEMMs), cuDNN LayerNorm.
+    b16_bf16_b256_cublaslt) XLA_FLAGS="--xla_gpu_enable_cublaslt=true" bench "$1" $B16 --batch 256 ;;
+    b16_bf16_b256_cudnn_ln) XLA_FLAGS="--xla_gpu_enable_cudnn_layer_norm=true" bench "$1" $B16 --batch 256 ;;
     b16_bf16_b256_pad_once16) bench "$1" $B16 --batch 256 --attention_pad_multiple 16 ;;
     b16_bf16_b256_xla) bench "$1" $B16 --batch 256 --attention_impl xla ;;
-    b16_bf16_b512_auto) bench "$1" $B16 --batch 512 --attention_impl auto ;;
+    b16_bf16_b512_auto) bench "$1" $B16 --batch 512 ;;
     b16_bf16_b256_scan_dots) bench "$1" $B16 --batch 256 --scan --remat dots_with_no_batch_dims_saveable ;;
     b16_bf16_b256_auto_xla_flags) XLA_FLAGS="--xla_gpu_enable_cublaslt=true --xla_gpu_enable_cudnn_layer_norm=true --xla_gpu_experimental_enable_fusion_block_level_rewriter=true" \
       bench "$1" $B16 --batch 256 --attention_impl auto ;;
@@ -74,8 +79,12 @@ run() {  # NAME: one named measurement (the names are the JSON files' names)
 }
 for name in "$@"; do run "$name"; done
 
-# At most 8 files come back from some hosts: pack the JSONs and the raw trace into one archive.
-trace=$(ls -t /tmp/coyo_vit_profile/plugins/profile/*/*.trace.json.gz 2>/dev/null | head -1)
-tar -czf "$OUT/gpu_benchmarks.tar.gz" -C "$OUT" $(cd "$OUT" && ls *.json *.hlo.txt 2>/dev/null) \
-  ${trace:+-C "$(dirname "$trace")" "$(basename "$trace")"} && (cd "$OUT" && rm -f *.json *.hlo.txt)
+# At most 8 files come back from some hosts: pack the JSONs, HLO dumps and raw traces (one per
+# profiled run, named after it) into one archive.
+for dir in "$PROFILES"/*/; do
+  trace=$(ls -t "$dir"plugins/profile/*/*.trace.json.gz 2>/dev/null | head -1)
+  [[ -n $trace ]] && cp "$trace" "$OUT/$(basename "$dir").trace.json.gz"
+done
+(cd "$OUT" && tar -czf gpu_benchmarks.tar.gz $(ls *.json *.hlo.txt *.trace.json.gz 2>/dev/null) \
+  && rm -f *.json *.hlo.txt *.trace.json.gz)
 echo "results: $OUT/gpu_benchmarks.tar.gz, $OUT/gpu_benchmarks.log"

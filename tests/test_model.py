@@ -396,7 +396,7 @@ def _refusing_cudnn(calls: list):
 def test_auto_attention_falls_back_when_cudnn_refuses_training_shapes(monkeypatch, scan, remat):
     # Under nn.scan or remat the training rule would only run when the step is differentiated,
     # outside the fallback; `auto` runs it up front. Padded once to 7 tokens (refused), it must
-    # retry at 64 tokens (accepted) and train exactly like XLA's attention.
+    # retry at 8 tokens (an even length, accepted) and train exactly like XLA's attention.
     calls: list = []
     monkeypatch.setattr(jax.nn, "dot_product_attention", _refusing_cudnn(calls))
     monkeypatch.setattr(attention_backends, "cudnn_attention_is_default", lambda: True)
@@ -409,12 +409,33 @@ def test_auto_attention_falls_back_when_cudnn_refuses_training_shapes(monkeypatc
         return jax.jit(jax.grad(lambda p: (model.apply({"params": p}, x, train=True) ** 2).sum()))(params)
 
     got = grads(auto)
-    assert ("training", 7) in calls and ("training", 64) in calls
+    assert ("training", 7) in calls and ("training", 8) in calls and ("training", 64) not in calls
     for (path, g), w in zip(flat(got).items(), flat(grads(xla)).values()):
         np.testing.assert_allclose(g, w, atol=1e-5, err_msg=path)
     with pytest.raises(NotImplementedError, match="Q 7"):  # asked for cuDNN alone: the refusal shows
         jax.eval_shape(lambda q: jax.vjp(lambda q: padded_dot_product_attention(
             q, q, q, 7, "cudnn"), q)[0], jnp.zeros((1, 5, 2, 8)))
+
+
+def test_on_a_cudnn_gpu_16bit_models_pad_their_tokens_once_to_an_even_length(monkeypatch):
+    # Where cuDNN attention runs, the model pads 5 tokens to 6 before the blocks (so no block
+    # pads q/k/v); float32 (cuDNN's fused kernel has none), XLA attention, CPUs and an explicit
+    # attention_pad_multiple=1 keep the sequence as it is.
+    assert tiny(dtype="bfloat16").token_pad_multiple is None  # this CPU: XLA's attention
+    monkeypatch.setattr(attention_backends, "cudnn_attention_is_default", lambda: True)
+    assert tiny(dtype="bfloat16").token_pad_multiple == 2
+    assert tiny(dtype="bfloat16", attention_impl="cudnn").token_pad_multiple == 2
+    assert tiny(dtype="float32").token_pad_multiple is None
+    assert tiny(dtype="bfloat16", attention_impl="xla").token_pad_multiple is None
+    assert tiny(dtype="bfloat16", attention_pad_multiple=1).token_pad_multiple == 1
+
+    calls: list = []
+    monkeypatch.setattr(jax.nn, "dot_product_attention", _refusing_cudnn(calls))
+    x = images()
+    model = tiny(dtype="bfloat16")
+    params = random_params(model, x)
+    jax.grad(lambda p: model.apply({"params": p}, x, train=True).astype(jnp.float32).sum())(params)
+    assert calls and {length for _, length in calls} == {6}
 
 
 # ---------------------------------------------------------------- errors

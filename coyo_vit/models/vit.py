@@ -386,10 +386,11 @@ class Model(nn.Module):
     remat_policy: str = "none"
     dtype: str | Any = "float32"
     attention_impl: str | None = "auto"
-    # None: cuDNN attention pads q/k/v inside every block (to a multiple of 64). An int m pads the
-    # token sequence once, before the blocks, to a multiple of m instead (padded tokens are masked
-    # as keys and dropped after the blocks): fewer copies if cuDNN accepts that length (m = 2
-    # gives 198 tokens for 224px /16). Applied whatever the implementation; meant for GPUs.
+    # Pads the token sequence once, before the blocks, to a multiple of this (padded tokens are
+    # masked as keys and dropped after the blocks), so cuDNN's attention gets a length it accepts
+    # without every block padding and slicing q/k/v. None (default): 2 where cuDNN attention is
+    # used (GPU, 16-bit dtype; 197 -> 198 tokens), no padding elsewhere; 1: never pad once (blocks
+    # pad for cuDNN themselves). H100, B/16 batch 256: see docs/performance.md section 3.
     # Dropout masks are drawn over the padded shape, so runs with dropout differ from unpadded ones.
     attention_pad_multiple: int | None = None
 
@@ -439,6 +440,14 @@ class Model(nn.Module):
         return ViTDims(**sizes)
 
     @property
+    def token_pad_multiple(self) -> int | None:
+        """What the encoder pads the tokens to a multiple of (None: nothing): the configured
+        `attention_pad_multiple`, or when unset what the attention backend wants."""
+        if self.attention_pad_multiple is not None:
+            return self.attention_pad_multiple
+        return attention_backends.pad_once_multiple(self.attention_impl, self.dtype)
+
+    @property
     def representation_size(self) -> int | None:
         """Pre-logits width: None (no layer), or an int; `True` means the encoder width."""
         if self.rep_size is None or self.rep_size is False:
@@ -477,7 +486,7 @@ class Model(nn.Module):
             grid=(grid_h, grid_w), has_cls=self.pool_type == "tok", dropout=self.dropout,
             stoch_depth=self.stoch_depth, scan=self.scan, remat_policy=self.remat_policy,
             dtype=dtype, attention_impl=self.attention_impl,
-            pad_multiple=self.attention_pad_multiple, name="Transformer")(x, deterministic)
+            pad_multiple=self.token_pad_multiple, name="Transformer")(x, deterministic)
 
         if self.pool_type == "tok":
             x = x[:, 0]
