@@ -2,7 +2,9 @@
 
 `attend` is what `vit.Attention` calls between its projections: XLA's attention, or cuDNN's
 fused (flash) kernel on GPUs, with the sequence padded to a length cuDNN accepts and the padded
-keys masked. Pure functions of [batch, length, heads, head_dim] arrays; no parameters.
+keys masked; `pad_once_multiple` is the length the model pads its tokens to before the blocks,
+so that no block has to. Pure functions of [batch, length, heads, head_dim] arrays; no
+parameters.
 """
 from __future__ import annotations
 
@@ -89,9 +91,9 @@ def attend(query: Array, key: Array, value: Array, implementation: str | None,
 
     cuDNN is tried on the sequence as given first (already padded once by the model, or a length
     this jax accepts), then padded here to CUDNN_SEQUENCE_MULTIPLE, then to a multiple of 64.
-    "auto" falls back to XLA when
-    cuDNN refuses while tracing (dtype, shape, version; the training checks are run up front);
-    a refusal when XLA compiles the step has no fallback and needs `attention_impl="xla"`.
+    "auto" falls back to XLA when cuDNN refuses while tracing (dtype, shape, version; the
+    training checks are run up front); a refusal when XLA compiles the step has no fallback and
+    needs `attention_impl="xla"`.
     """
     def xla() -> Array:
         return padded_dot_product_attention(query, key, value, 1, "xla", kv_length)
