@@ -184,3 +184,17 @@ def test_cpu_compile_options_keep_results_bitwise():
             results.append(jax.device_get((state.params, state.opt_state, metrics)))
         for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
             np.testing.assert_array_equal(a, b)
+
+
+def test_tokens_padded_once_train_the_same_under_data_and_model_sharding():
+    # What GPUs do by default for cuDNN (5 tokens padded to 6, the extra one masked through
+    # key_value_seq_lengths laid out like the batch), here through XLA's attention on two host
+    # devices: the same losses and parameters as the unpadded model on one device.
+    ref, ref_hist = _run_steps(jax.devices()[:1], steps=2)
+    for mesh_axes in ({"data": 2}, {"data": 1, "model": 2}):
+        padded, hist = _run_steps(jax.devices()[:2], steps=2, mesh_axes=mesh_axes,
+                                  model_kwargs=dict(TINY, attention_impl="xla", attention_pad_multiple=2))
+        np.testing.assert_allclose([h["train/loss"] for h in hist], [h["train/loss"] for h in ref_hist],
+                                   rtol=1e-5, err_msg=str(mesh_axes))
+        for a, b in zip(jax.tree.leaves(ref.params), jax.tree.leaves(padded.params)):
+            np.testing.assert_allclose(a, b, atol=2e-6, rtol=1e-5, err_msg=str(mesh_axes))
