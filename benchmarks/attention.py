@@ -8,17 +8,16 @@ At ViT sizes (197 tokens, 64-wide heads) XLA's attention writes the [batch, head
 scores and probabilities to memory several times per layer and transposes q/k/v into the
 layout its batched matrix products want; cuDNN's fused kernel keeps them on chip. This
 isolates that difference from the rest of the step (benchmarks/accelerator.py times the whole
-step). Rows: `xla` (jax.nn.dot_product_attention's XLA path), `cudnn` (as is: cuDNN refuses
+step). Rows: `xla` (jax.nn.dot_product_attention's XLA path), `cudnn` (as is: jax refuses
 197 tokens in training), `cudnn_padN` (lengths padded to a multiple of N, padded keys masked;
-N = 64 is coyo_vit's path). Error = ||out - ref|| / ||ref|| for the output and each input gradient,
-against XLA in float32 on the same inputs. No TensorFlow.
+the model pads its tokens once to an even length, N = 2). Error = ||out - ref|| / ||ref|| for
+the output and each input gradient, against XLA in float32 on the same inputs. No TensorFlow.
 """
 from __future__ import annotations
 
 import argparse
 import functools
 import sys
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -27,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import report
+from benchmarks.fwd_bwd import bench, forward_backward
 from coyo_vit.models.attention_backends import padded_dot_product_attention
 from coyo_vit.models.vit import decode_variant
 
@@ -47,43 +47,6 @@ def implementations() -> dict[str, Callable[[Array, Array, Array], Array]]:
         rows[f"cudnn_pad{multiple}"] = functools.partial(
             padded_dot_product_attention, multiple=multiple, implementation="cudnn")
     return rows
-
-
-def forward_backward(attention: Callable[[Array, Array, Array], Array]) -> Callable:
-    """jit(q, k, v, cotangent) -> (output, (dq, dk, dv)): what one training step asks of it."""
-    def run(q, k, v, cotangent):
-        out, pullback = jax.vjp(attention, q, k, v)
-        return out, pullback(cotangent)
-    return jax.jit(run)
-
-
-def relative_error(got: Array, ref: Array) -> float:
-    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
-    return float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-30))
-
-
-def bench(name: str, attention: Callable, inputs: tuple[Array, ...], reference: tuple[Any, ...],
-          iters: int) -> dict[str, Any]:
-    fn = forward_backward(attention)
-    row: dict[str, Any] = {"implementation": name}
-    try:
-        started = time.perf_counter()
-        out = jax.block_until_ready(fn(*inputs))
-        row["compile_s"] = time.perf_counter() - started
-    except Exception as err:  # cuDNN refusing a shape, or no GPU: a row that says why
-        row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
-        return row
-    times = []
-    for _ in range(iters):
-        started = time.perf_counter()
-        jax.block_until_ready(fn(*inputs))
-        times.append(time.perf_counter() - started)
-    row["ms"] = 1e3 * report.median(times)
-    got_out, got_grads = out
-    ref_out, ref_grads = reference
-    row["err_out"] = relative_error(got_out, ref_out)
-    row["err_grad"] = max(relative_error(g, r) for g, r in zip(got_grads, ref_grads))
-    return row
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:

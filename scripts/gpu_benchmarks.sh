@@ -18,7 +18,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_bench}
 BUDGET=${1:-540}
 [[ $BUDGET =~ ^[0-9]+$ ]] || { echo "BUDGET_SECONDS must be a whole number of seconds, got '$BUDGET'" >&2; exit 2; }
-ALL="attention b16_bf16_b256_auto b16_bf16_b512_auto l16_compile_unrolled l16_compile_scan l16_bf16_b128_auto
+ALL="attention b16_bf16_b256_auto block_parts b16_bf16_b512_auto l16_compile_unrolled l16_compile_scan l16_bf16_b128_auto
   b16_bf16_b256_per_block b16_bf16_b256_pad_once16 b16_bf16_b256_xla b16_bf16_b256_cublaslt b16_bf16_b256_cudnn_ln
   b16_bf16_b256_scan_dots l16_bf16_b128_xla b16_bf16_b256_auto_xla_flags b16_bf16_b256_no_triton_gemm"
 shift || true
@@ -55,6 +55,8 @@ L16="--variant L/16 --dtype bfloat16 --batch 128"
 run() {  # NAME: one named measurement (the names are the JSON files' names)
   case $1 in
     attention) timed attention python3 -m benchmarks.attention --variant B/16 --batch 256 --out "$OUT/attention.json" ;;
+    # Candidates for the memory-bound MLP/projection fusions, each against the model's form.
+    block_parts) timed block_parts python3 -m benchmarks.block_parts --variant B/16 --batch 256 --out "$OUT/block_parts.json" ;;
     # The headline figure, then where its time goes (a 3-step trace summed by kernel, and the
     # optimized HLO that says what each fusion computes).
     b16_bf16_b256_auto) bench "$1" $B16 --batch 256 --attention_impl auto --profile_dir "$PROFILES/$1" \

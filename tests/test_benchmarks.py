@@ -96,6 +96,23 @@ def test_attention_benchmark_runs_on_cpu_and_reports_cudnn_refusals(tmp_path):
     assert len(rows) == 5
 
 
+def test_block_parts_candidates_compute_what_the_model_computes(tmp_path):
+    # In float32 the recomputed GELU and the fused q/k/v product must match the model's forms
+    # (the reference rows) to rounding: a candidate that changed the math would show here.
+    from benchmarks import block_parts
+    block_parts.main(["--variant", "Ti/16", "--batch", "2", "--image_size", "32", "--iters", "1",
+                      "--dtype", "float32", "--out", str(tmp_path / "parts.json")])
+    result = _load(tmp_path / "parts.json")
+    assert result["tokens"] == 6  # 2x2 patches + class token, padded to even as on GPUs
+    by_name = {(row["part"], row["implementation"]): row for row in result["rows"]}
+    assert set(by_name) == {("mlp", "autodiff"), ("mlp", "recompute_gelu"), ("qkv", "separate"),
+                            ("qkv", "fused")}
+    for row in by_name.values():
+        assert row["ms"] > 0 and row["err_out"] < 1e-6 and row["err_grad"] < 1e-6, row
+    with pytest.raises(SystemExit):
+        block_parts.main(["--parts", "mlp,attention"])
+
+
 def test_train_step_workers_run_in_fresh_processes_without_tensorflow(tmp_path):
     from benchmarks import train_step
     out = tmp_path / "train_step.json"
