@@ -1,11 +1,11 @@
-"""Alternatives for the memory-bound parts of a ViT block, each alone, forward + backward.
+"""Alternatives for the memory-bound parts of a ViT step, each alone, forward + backward.
 
     PYTHONPATH=. python -m benchmarks.block_parts --variant B/16 --batch 256 --out /tmp/parts.json
     # CPU smoke run:
     python -m benchmarks.block_parts --variant Ti/16 --batch 2 --image_size 32 --iters 2
 
 On an H100 the B/16 step's non-matmul fusions run near the HBM's bandwidth (docs/performance.md,
-section 3), so only moving fewer bytes makes them faster. Two candidates, timed against what the
+section 3), so only moving fewer bytes makes them faster. Candidates, timed against what the
 model does now before any is adopted (a reshaped patch embedding that looked cheaper on paper
 cost 10 ms a step there):
 
@@ -17,8 +17,13 @@ cost 10 ms a step there):
   plus bias adds; `fused` concatenates the three kernels and biases and runs one matrix product
   of three times the width (same parameters, so checkpoints would not change).
 
-Errors are relative to the `autodiff`/`separate` row run in float32 on the same inputs, for the
-output and each input gradient. No TensorFlow.
+- `head`: the 21,841-class head on the pre-logits features (batch x 1024). `float32` is the
+  model's (float32 operands, kept so bf16 rounding cannot move the logits near the -10 bias);
+  `bf16_operands` rounds the operands to bfloat16 and accumulates and returns float32, as TPUs do
+  for a float32 product at default precision. Not the same values: its error column is the cost.
+
+Errors are relative to the first row of each part (the model's form) run in float32 on the same
+inputs, for the output and each input gradient. No TensorFlow.
 """
 from __future__ import annotations
 
@@ -80,19 +85,37 @@ def qkv_fused(x, wq, bq, wk, bk, wv, bv):
     return y + bias.reshape(3, *([1] * (x.ndim - 1)), *bias.shape[1:])
 
 
+def head_float32(features, kernel, bias):
+    """The model's head: float32 whatever the compute dtype."""
+    return features.astype(jnp.float32) @ kernel + bias
+
+
+def head_bf16_operands(features, kernel, bias):
+    """bf16 operands, float32 accumulation and logits."""
+    return jnp.dot(features.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16),
+                   preferred_element_type=jnp.float32) + bias
+
+
 PARTS: dict[str, dict[str, Callable[..., Array]]] = {
     "mlp": {"autodiff": mlp(lambda h: jax.nn.gelu(h, approximate=True)),
             "recompute_gelu": mlp(gelu_recomputed)},
     "qkv": {"separate": qkv_separate, "fused": qkv_fused},
+    "head": {"float32": head_float32, "bf16_operands": head_bf16_operands},
 }
 
 
 def part_inputs(part: str, tokens: tuple[int, int], width: int, mlp_dim: int, heads: int,
-                dtype: str, rng: np.random.Generator) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+                dtype: str, rng: np.random.Generator, rep_size: int = 1024,
+                classes: int = 21841) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
     """(inputs in `dtype` with float32 parameters, the same all in float32), cotangent last."""
     def normal(*shape, scale=1.0):
         return jnp.asarray(scale * rng.standard_normal(shape, dtype=np.float32))
 
+    if part == "head":  # tanh'd pre-logits in, float32 logits out, whatever `dtype`
+        features = jnp.tanh(normal(tokens[0], rep_size))
+        f32 = (features, normal(rep_size, classes, scale=rep_size ** -0.5),
+               normal(classes, scale=0.1) - 10.0, normal(tokens[0], classes))
+        return (f32[0].astype(dtype), *f32[1:]), f32
     x = normal(*tokens, width)
     if part == "mlp":
         params = (normal(width, mlp_dim, scale=width ** -0.5), normal(mlp_dim, scale=0.1),
@@ -120,7 +143,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                         help="tokens per image; 0 = patches + class token, padded to an even count "
                              "as the model does on GPUs")
     parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
-    parser.add_argument("--parts", default="mlp,qkv", help=f"comma-separated, of {sorted(PARTS)}")
+    parser.add_argument("--parts", default="mlp,qkv,head", help=f"comma-separated, of {sorted(PARTS)}")
+    parser.add_argument("--num_classes", type=int, default=21841, help="classes of the head part")
+    parser.add_argument("--rep_size", type=int, default=1024, help="pre-logits width of the head part")
     parser.add_argument("--iters", type=int, default=20, help="timed calls; the median is reported")
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
     args = parser.parse_args(argv)
@@ -140,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     rows = []
     for part in parts:
         inputs, f32 = part_inputs(part, tokens, dims["width"], dims["mlp_dim"], dims["num_heads"],
-                                  args.dtype, rng)
+                                  args.dtype, rng, args.rep_size, args.num_classes)
         baseline = next(iter(PARTS[part].values()))
         reference = forward_backward(baseline)(*f32)
         part_rows = [dict(bench(name, fn, inputs, reference, args.iters), part=part)

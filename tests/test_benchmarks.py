@@ -100,15 +100,19 @@ def test_block_parts_candidates_compute_what_the_model_computes(tmp_path):
     # In float32 the recomputed GELU and the fused q/k/v product must match the model's forms
     # (the reference rows) to rounding: a candidate that changed the math would show here.
     from benchmarks import block_parts
+    # The head's bf16-operand candidate rounds on purpose: its error must show, and stay small.
     block_parts.main(["--variant", "Ti/16", "--batch", "2", "--image_size", "32", "--iters", "1",
-                      "--dtype", "float32", "--out", str(tmp_path / "parts.json")])
+                      "--dtype", "float32", "--num_classes", "100", "--rep_size", "16",
+                      "--out", str(tmp_path / "parts.json")])
     result = _load(tmp_path / "parts.json")
     assert result["tokens"] == 6  # 2x2 patches + class token, padded to even as on GPUs
     by_name = {(row["part"], row["implementation"]): row for row in result["rows"]}
+    rounding = by_name.pop(("head", "bf16_operands"))
     assert set(by_name) == {("mlp", "autodiff"), ("mlp", "recompute_gelu"), ("qkv", "separate"),
-                            ("qkv", "fused")}
+                            ("qkv", "fused"), ("head", "float32")}
     for row in by_name.values():
         assert row["ms"] > 0 and row["err_out"] < 1e-6 and row["err_grad"] < 1e-6, row
+    assert 1e-6 < rounding["err_out"] < 1e-2 and rounding["err_grad"] < 1e-2
     with pytest.raises(SystemExit):
         block_parts.main(["--parts", "mlp,attention"])
 
