@@ -134,8 +134,9 @@ def part_inputs(part: str, tokens: tuple[int, int], width: int, mlp_dim: int, he
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.block_parts",
-        description="Forward+backward time of a ViT block's MLP and q/k/v projections alone, as the "
-                    "model computes them and in a candidate form that moves fewer bytes.")
+        description="Forward+backward time of a ViT block's MLP and q/k/v projections, and of the "
+                    "classifier head, each alone, as the model computes them and in a candidate "
+                    "form (fewer bytes moved; bf16 head operands).")
     parser.add_argument("--variant", default="B/16", help="ViT variant: sets width, MLP width, heads")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--image_size", type=int, default=224)

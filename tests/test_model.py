@@ -417,11 +417,29 @@ def test_auto_attention_falls_back_when_cudnn_refuses_training_shapes(monkeypatc
             q, q, q, 7, "cudnn"), q)[0], jnp.zeros((1, 5, 2, 8)))
 
 
+def test_cudnn_refusing_every_length_raises_its_first_refusal_or_falls_back(monkeypatch):
+    real = jax.nn.dot_product_attention
+
+    def refusing(q, k, v, *, key_value_seq_lengths=None, implementation=None):
+        if implementation == "cudnn":
+            raise NotImplementedError(f"Unsupported sequence length Q {q.shape[1]}")
+        return real(q, k, v, key_value_seq_lengths=key_value_seq_lengths, implementation=implementation)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", refusing)
+    monkeypatch.setattr(attention_backends, "cudnn_attention_is_default", lambda: True)
+    q = jax.random.normal(jax.random.key(0), (2, 5, 2, 8))
+    with pytest.raises(NotImplementedError, match=r"Q 5\b"):  # the shapes as given, not a padding
+        attention_backends.attend(q, q, q, "cudnn")
+    np.testing.assert_allclose(attention_backends.attend(q, q, q, "auto"),
+                               real(q, q, q, implementation="xla"), rtol=1e-6)
+
+
 def test_on_a_cudnn_gpu_16bit_models_pad_their_tokens_once_to_an_even_length(monkeypatch):
     # Where cuDNN attention runs, the model pads 5 tokens to 6 before the blocks (so no block
     # pads q/k/v); float32 (cuDNN's fused kernel has none), XLA attention, CPUs and an explicit
     # attention_pad_multiple=1 keep the sequence as it is.
-    assert tiny(dtype="bfloat16").token_pad_multiple is None  # this CPU: XLA's attention
+    monkeypatch.setattr(attention_backends, "cudnn_attention_is_default", lambda: False)
+    assert tiny(dtype="bfloat16").token_pad_multiple is None  # a CPU or TPU: XLA's attention
     monkeypatch.setattr(attention_backends, "cudnn_attention_is_default", lambda: True)
     assert tiny(dtype="bfloat16").token_pad_multiple == 2
     assert tiny(dtype="bfloat16", attention_impl="cudnn").token_pad_multiple == 2

@@ -72,7 +72,8 @@ def pad_once_multiple(implementation: str | None, dtype: Any) -> int | None:
     choose: CUDNN_SEQUENCE_MULTIPLE where cuDNN's attention will be tried (a 16-bit dtype, and
     "cudnn", or "auto" on a GPU that has it), so no block pads and slices q/k/v; else None."""
     wants_cudnn = implementation == "cudnn" or (implementation == "auto" and cudnn_attention_is_default())
-    return CUDNN_SEQUENCE_MULTIPLE if wants_cudnn and jnp.dtype(dtype).itemsize == 2 else None
+    sixteen_bit_float = jnp.issubdtype(dtype, jnp.floating) and jnp.dtype(dtype).itemsize == 2
+    return CUDNN_SEQUENCE_MULTIPLE if wants_cudnn and sixteen_bit_float else None
 
 
 def _cudnn_training_checks(query: Array, key: Array, value: Array, multiple: int,
@@ -100,12 +101,13 @@ def attend(query: Array, key: Array, value: Array, implementation: str | None,
 
     if implementation in (None, "xla") or (implementation == "auto" and not cudnn_attention_is_default()):
         return xla()
-    multiples = tuple(dict.fromkeys((1, CUDNN_SEQUENCE_MULTIPLE, _CUDNN_FALLBACK_MULTIPLE)))
-    for i, multiple in enumerate(multiples):
+    first_refusal: Exception | None = None
+    for multiple in dict.fromkeys((1, CUDNN_SEQUENCE_MULTIPLE, _CUDNN_FALLBACK_MULTIPLE)):
         try:
             _cudnn_training_checks(query, key, value, multiple, kv_length)
             return padded_dot_product_attention(query, key, value, multiple, "cudnn", kv_length)
-        except (NotImplementedError, RuntimeError):
-            if i + 1 == len(multiples) and implementation == "cudnn":
-                raise
+        except (NotImplementedError, RuntimeError) as refusal:
+            first_refusal = first_refusal or refusal
+    if implementation == "cudnn":  # asked for cuDNN alone: its refusal of the shapes as given
+        raise first_refusal
     return xla()

@@ -392,7 +392,8 @@ class Model(nn.Module):
     # without every block padding and slicing q/k/v. None (default): 2 where cuDNN attention is
     # used (GPU, 16-bit dtype; 197 -> 198 tokens), no padding elsewhere; 1: never pad once (blocks
     # pad for cuDNN themselves). H100, B/16 batch 256: see docs/performance.md section 3.
-    # Dropout masks are drawn over the padded shape, so runs with dropout differ from unpadded ones.
+    # Dropout masks are drawn over the padded shape, so runs with dropout differ from unpadded ones
+    # (by default: GPU runs from CPU runs, and from runs before the padding existed).
     attention_pad_multiple: int | None = None
 
     def __post_init__(self) -> None:
