@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -26,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import report
-from benchmarks.fwd_bwd import bench, forward_backward
+from benchmarks.fwd_bwd import RESULT_COLUMNS, bench, forward_backward, write_rows
 from coyo_vit.models.attention_backends import padded_dot_product_attention
 from coyo_vit.models.vit import decode_variant
 
@@ -80,13 +79,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     print(f"attention of {args.variant} @ {args.image_size}px: batch {args.batch}, {length} tokens, "
           f"{heads} heads x {head_dim}, {args.dtype}; device {device.device_kind}")
     print(report.table(rows, [("implementation", "implementation"), ("ms", "fwd+bwd ms"),
-                              ("tflops_per_s", "TFLOP/s"), ("err_out", "rel. err out"),
-                              ("err_grad", "rel. err grads (max)"), ("compile_s", "compile s"),
-                              ("error", "error")]))
-    report.write_json(args.out, {"benchmark": "attention", "variant": args.variant,
-                                 "batch": args.batch, "tokens": length, "dtype": args.dtype,
-                                 "device_kind": device.device_kind, "rows": rows,
-                                 "tensorflow_imported": "tensorflow" in sys.modules})
+                              ("tflops_per_s", "TFLOP/s"), *RESULT_COLUMNS]))
+    write_rows(args.out, "attention", rows, variant=args.variant, batch=args.batch, tokens=length,
+               dtype=args.dtype)
     return rows
 
 

@@ -28,7 +28,6 @@ inputs, for the output and each input gradient. No TensorFlow.
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -37,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import report
-from benchmarks.fwd_bwd import bench, forward_backward
+from benchmarks.fwd_bwd import RESULT_COLUMNS, bench, forward_backward, write_rows
 from coyo_vit.models.vit import decode_variant
 
 Array = jax.Array
@@ -172,14 +171,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         part_rows = [dict(bench(name, fn, inputs, reference, args.iters), part=part)
                      for name, fn in PARTS[part].items()]
         print(report.table(part_rows, [("part", "part"), ("implementation", "implementation"),
-                                       ("ms", "fwd+bwd ms"), ("err_out", "rel. err out"),
-                                       ("err_grad", "rel. err grads (max)"),
-                                       ("compile_s", "compile s"), ("error", "error")]))
+                                       ("ms", "fwd+bwd ms"), *RESULT_COLUMNS]))
         rows += part_rows
-    report.write_json(args.out, {"benchmark": "block_parts", "variant": args.variant,
-                                 "batch": args.batch, "tokens": length, "dtype": args.dtype,
-                                 "device_kind": device.device_kind, "rows": rows,
-                                 "tensorflow_imported": "tensorflow" in sys.modules})
+    write_rows(args.out, "block_parts", rows, variant=args.variant, batch=args.batch,
+               tokens=length, dtype=args.dtype)
     return rows
 
 

@@ -6,6 +6,7 @@ every input gradient with a float32 run of the reference implementation.
 """
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -54,3 +55,15 @@ def bench(name: str, fn: Callable[..., jax.Array], inputs: tuple[Any, ...],
     row["err_out"] = relative_error(got_out, ref_out)
     row["err_grad"] = max(relative_error(g, r) for g, r in zip(got_grads, ref_grads))
     return row
+
+
+# Table columns after a benchmark's own leading ones (implementation, ...).
+RESULT_COLUMNS = [("err_out", "rel. err out"), ("err_grad", "rel. err grads (max)"),
+                  ("compile_s", "compile s"), ("error", "error")]
+
+
+def write_rows(path: str | None, benchmark: str, rows: list[dict[str, Any]], **fields: Any) -> None:
+    """The rows as JSON with the device they ran on and whether TensorFlow was loaded."""
+    report.write_json(path, {"benchmark": benchmark, **fields,
+                             "device_kind": jax.devices()[0].device_kind, "rows": rows,
+                             "tensorflow_imported": "tensorflow" in sys.modules})
