@@ -69,7 +69,7 @@ def mlp(activation: Callable[[Array], Array]) -> Callable[..., Array]:
 
 
 def qkv_separate(x, wq, bq, wk, bk, wv, bv):
-    """Three [D, H, K] projections, as vit.SplitHeadsDense computes each; stacked for the VJP."""
+    """Three [D, H, K] projections, as attention.SplitHeadsDense computes each; stacked for the VJP."""
     dtype = x.dtype
     return jnp.stack([jnp.einsum("...d,dhk->...hk", x, w.astype(dtype)) + b.astype(dtype)
                       for w, b in ((wq, bq), (wk, bk), (wv, bv))])

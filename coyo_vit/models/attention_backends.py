@@ -1,6 +1,6 @@
 """Which kernel computes attention's score/softmax/value product, and the padding cuDNN needs.
 
-`attend` is what `vit.Attention` calls between its projections: XLA's attention, or cuDNN's
+`attend` is what `attention.Attention` calls between its projections: XLA's attention, or cuDNN's
 fused (flash) kernel on GPUs, with the sequence padded to a length cuDNN accepts and the padded
 keys masked; `pad_once_multiple` is the length the model pads its tokens to before the blocks,
 so that no block has to. Pure functions of [batch, length, heads, head_dim] arrays; no

@@ -3,9 +3,9 @@
 Parameter names and shapes follow google-research/vision_transformer (per-layer
 `encoderblock_{i}`) and big_vision (`encoderblock` stacked under `nn.scan`, `MAPHead_0`), so
 importing or exporting their checkpoints is a renaming, never a reshaping. Every parameter is
-created boxed with logical axis names and every large activation is annotated, so the same
-module shards by config on a pod and runs unchanged on one CPU (the annotations are no-ops
-outside a mesh/rules context).
+created boxed with logical axis names and every large activation is annotated
+(logical_axes.py), so the same module shards by config on a pod and runs unchanged on one CPU.
+The attention layer, with its checkpoint layout, is attention.py.
 """
 from __future__ import annotations
 
@@ -20,9 +20,10 @@ import numpy as np
 from flax import linen as nn
 
 from coyo_vit.models import attention_backends, pixels
+from coyo_vit.models.attention import Attention
+from coyo_vit.models.logical_axes import HIDDEN, LOGITS, TOKENS, boxed, constrain
 
 Array = jax.Array
-Initializer = Callable[..., Any]
 
 # Sizes from the ViT papers (Dosovitskiy et al. 2021; Zhai et al. 2022 for g and G).
 VARIANTS: dict[str, dict[str, int]] = {
@@ -53,13 +54,6 @@ REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
 
 _VARIANT_RE = re.compile(r"^(?P<name>[A-Za-z]+)/(?P<patch>[1-9][0-9]*)$")
 
-# Activation layouts named once so that sharding rules only ever see these tuples.
-_TOKENS = ("batch", "length", "embed")
-_HIDDEN = ("batch", "length", "mlp")
-_HEADS = ("batch", "length", "heads", "kv")
-_LOGITS = ("batch", "classes")
-
-
 def decode_variant(variant: str) -> dict[str, int]:
     """Turns "<name>/<patch>" (e.g. "L/16") into width, depth, mlp_dim, num_heads, patch_size."""
     match = _VARIANT_RE.match(variant) if isinstance(variant, str) else None
@@ -73,15 +67,6 @@ def decode_variant(variant: str) -> dict[str, int]:
 def count_params(params: Any) -> int:
     """Number of scalars in a parameter tree; boxed, plain and `jax.eval_shape` trees alike."""
     return sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(params))
-
-
-def _boxed(init: Initializer, names: tuple[str | None, ...]) -> Initializer:
-    """Attaches logical axis names to an initializer (what the sharding rules match on)."""
-    return nn.with_logical_partitioning(init, names)
-
-
-def _constrain(x: Array, names: tuple[str | None, ...]) -> Array:
-    return nn.with_logical_constraint(x, names)
 
 
 def posemb_sincos_2d(height: int, width: int, dim: int, temperature: float = 10_000.0) -> Array:
@@ -115,95 +100,24 @@ class MlpBlock(nn.Module):
         width = x.shape[-1]
         x = nn.Dense(
             self.mlp_dim, dtype=self.dtype, param_dtype=jnp.float32,
-            kernel_init=_boxed(nn.initializers.xavier_uniform(), ("embed", "mlp")),
-            bias_init=_boxed(nn.initializers.normal(stddev=1e-6), ("mlp",)), name="Dense_0")(x)
-        x = _constrain(x, _HIDDEN)
+            kernel_init=boxed(nn.initializers.xavier_uniform(), ("embed", "mlp")),
+            bias_init=boxed(nn.initializers.normal(stddev=1e-6), ("mlp",)), name="Dense_0")(x)
+        x = constrain(x, HIDDEN)
         x = nn.gelu(x)
         x = nn.Dropout(rate=self.dropout)(x, deterministic)
         x = nn.Dense(
             width, dtype=self.dtype, param_dtype=jnp.float32,
-            kernel_init=_boxed(nn.initializers.xavier_uniform(), ("mlp", "embed")),
-            bias_init=_boxed(nn.initializers.normal(stddev=1e-6), ("embed",)), name="Dense_1")(x)
-        x = _constrain(x, _TOKENS)
+            kernel_init=boxed(nn.initializers.xavier_uniform(), ("mlp", "embed")),
+            bias_init=boxed(nn.initializers.normal(stddev=1e-6), ("embed",)), name="Dense_1")(x)
+        x = constrain(x, TOKENS)
         return nn.Dropout(rate=self.dropout)(x, deterministic)
-
-
-class SplitHeadsDense(nn.Module):
-    """[..., D] -> [..., H, D/H] projection with a [D, H, D/H] kernel (query/key/value).
-
-    Written out rather than using nn.DenseGeneral: DenseGeneral calls the initializer on a
-    flattened 2-D kernel, and a 3-name logical box on a 2-D value fails as soon as a global
-    mesh is set (`jax.set_mesh`). Here the initializer sees the real shape; its fans are
-    computed over the grouped axes, so the distribution is the one DenseGeneral would give.
-    """
-
-    num_heads: int
-    head_dim: int
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        kernel = self.param(
-            "kernel", _boxed(nn.initializers.xavier_uniform(in_axis=0, out_axis=(1, 2)), ("embed", "heads", "kv")),
-            (x.shape[-1], self.num_heads, self.head_dim), jnp.float32)
-        bias = self.param("bias", _boxed(nn.initializers.zeros, ("heads", "kv")),
-                          (self.num_heads, self.head_dim), jnp.float32)
-        y = jnp.einsum("...d,dhk->...hk", x.astype(self.dtype), kernel.astype(self.dtype))
-        return y + bias.astype(self.dtype)
-
-
-class MergeHeadsDense(nn.Module):
-    """[..., H, D/H] -> [..., D] projection with a [H, D/H, D] kernel (the attention output)."""
-
-    features: int
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        kernel = self.param(
-            "kernel", _boxed(nn.initializers.xavier_uniform(in_axis=(0, 1), out_axis=2), ("heads", "kv", "embed")),
-            (x.shape[-2], x.shape[-1], self.features), jnp.float32)
-        bias = self.param("bias", _boxed(nn.initializers.zeros, ("embed",)), (self.features,), jnp.float32)
-        y = jnp.einsum("...hk,hkd->...d", x.astype(self.dtype), kernel.astype(self.dtype))
-        return y + bias.astype(self.dtype)
-
-
-class Attention(nn.Module):
-    """Multi-head attention with flax's MultiHeadDotProductAttention parameter layout.
-
-    The score/softmax/value product is `attention_backends.attend` (XLA's, or cuDNN's fused
-    kernel on GPUs, padded to a length it accepts); the projections keep the [D, H, D/H]
-    kernels that released checkpoints store.
-    """
-
-    num_heads: int
-    dtype: Any = jnp.float32
-    implementation: str | None = None
-    kv_length: int | None = None  # keys from here on are padding (the encoder padded once)
-
-    @nn.compact
-    def __call__(self, inputs_q: Array, inputs_kv: Array) -> Array:
-        width = inputs_q.shape[-1]
-        head_dim = width // self.num_heads
-
-        def project(name: str, x: Array) -> Array:
-            y = SplitHeadsDense(self.num_heads, head_dim, dtype=self.dtype, name=name)(x)
-            return _constrain(y, _HEADS)
-
-        query = project("query", inputs_q)
-        key = project("key", inputs_kv)
-        value = project("value", inputs_kv)
-        out = attention_backends.attend(query, key, value, self.implementation, self.kv_length)
-        out = _constrain(out, _HEADS)
-        out = MergeHeadsDense(width, dtype=self.dtype, name="out")(out)
-        return _constrain(out, _TOKENS)
 
 
 def _layer_norm(name: str, dtype: Any) -> nn.LayerNorm:
     return nn.LayerNorm(
         epsilon=1e-6, dtype=dtype, param_dtype=jnp.float32,
-        scale_init=_boxed(nn.initializers.ones, ("embed",)),
-        bias_init=_boxed(nn.initializers.zeros, ("embed",)), name=name)
+        scale_init=boxed(nn.initializers.ones, ("embed",)),
+        bias_init=boxed(nn.initializers.zeros, ("embed",)), name=name)
 
 
 def _drop_path(module: nn.Module, x: Array, rate: Array | float) -> Array:
@@ -229,7 +143,7 @@ class Encoder1DBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, drop_path_rate: Array | float, deterministic: bool) -> tuple[Array, None]:
-        x = _constrain(x, _TOKENS)
+        x = constrain(x, TOKENS)
         drop_path = self.use_drop_path and not deterministic
 
         y = _layer_norm("LayerNorm_0", self.dtype)(x)
@@ -245,7 +159,7 @@ class Encoder1DBlock(nn.Module):
                      name="MlpBlock_3")(y, deterministic)
         if drop_path:
             y = _drop_path(self, y, drop_path_rate)
-        x = _constrain(x + y, _TOKENS)
+        x = constrain(x + y, TOKENS)
         # The (carry, output) pair is what nn.scan expects; the loop path ignores the None.
         return x, None
 
@@ -319,7 +233,7 @@ class PositionEmbedding(nn.Module):
     @nn.compact
     def __call__(self, length: int, width: int) -> Array:
         return self.param(
-            "pos_embedding", _boxed(nn.initializers.normal(stddev=0.02), (None, "length", "embed")),
+            "pos_embedding", boxed(nn.initializers.normal(stddev=0.02), (None, "length", "embed")),
             (1, length, width), jnp.float32)
 
 
@@ -334,7 +248,7 @@ class MAPHead(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         batch, _, width = x.shape
-        probe = self.param("probe", _boxed(nn.initializers.xavier_uniform(), (None, None, "embed")),
+        probe = self.param("probe", boxed(nn.initializers.xavier_uniform(), (None, None, "embed")),
                            (1, 1, width), jnp.float32)
         probe = jnp.tile(probe.astype(self.dtype), (batch, 1, 1))
         x = Attention(num_heads=self.num_heads, dtype=self.dtype, implementation=self.attention_impl,
@@ -472,14 +386,14 @@ class Model(nn.Module):
         x = nn.Conv(
             dims.width, (patch, patch), strides=(patch, patch), padding="VALID",
             dtype=dtype, param_dtype=jnp.float32,
-            kernel_init=_boxed(nn.initializers.lecun_normal(), ("patch_h", "patch_w", "channels", "embed")),
-            bias_init=_boxed(nn.initializers.zeros, ("embed",)),
+            kernel_init=boxed(nn.initializers.lecun_normal(), ("patch_h", "patch_w", "channels", "embed")),
+            bias_init=boxed(nn.initializers.zeros, ("embed",)),
             name="embedding")(pixels.to_model_range(images, dtype))
         batch, grid_h, grid_w, width = x.shape
-        x = _constrain(jnp.reshape(x, (batch, grid_h * grid_w, width)), _TOKENS)
+        x = constrain(jnp.reshape(x, (batch, grid_h * grid_w, width)), TOKENS)
 
         if self.pool_type == "tok":
-            cls = self.param("cls", _boxed(nn.initializers.zeros, (None, None, "embed")),
+            cls = self.param("cls", boxed(nn.initializers.zeros, (None, None, "embed")),
                              (1, 1, width), jnp.float32)
             x = jnp.concatenate([jnp.tile(cls.astype(dtype), (batch, 1, 1)), x], axis=1)
 
@@ -502,8 +416,8 @@ class Model(nn.Module):
         rep = self.representation_size
         if rep is not None:
             x = nn.Dense(rep, dtype=dtype, param_dtype=jnp.float32,
-                         kernel_init=_boxed(nn.initializers.lecun_normal(), ("embed", "rep")),
-                         bias_init=_boxed(nn.initializers.zeros, ("rep",)), name="pre_logits")(x)
+                         kernel_init=boxed(nn.initializers.lecun_normal(), ("embed", "rep")),
+                         bias_init=boxed(nn.initializers.zeros, ("rep",)), name="pre_logits")(x)
             x = jnp.tanh(x)
             feature_axis = "rep"
         features = x.astype(jnp.float32)
@@ -515,10 +429,10 @@ class Model(nn.Module):
         # classes are sensitive to bf16 logit rounding (step 0.0625 around the -10 bias).
         logits = nn.Dense(
             self.num_classes, dtype=jnp.float32, param_dtype=jnp.float32,
-            kernel_init=_boxed(nn.initializers.constant(self.head_kernel_init), (feature_axis, "classes")),
-            bias_init=_boxed(nn.initializers.constant(self.head_bias_init), ("classes",)),
+            kernel_init=boxed(nn.initializers.constant(self.head_kernel_init), (feature_axis, "classes")),
+            bias_init=boxed(nn.initializers.constant(self.head_bias_init), ("classes",)),
             name="head")(features)
-        logits = _constrain(logits, _LOGITS)
+        logits = constrain(logits, LOGITS)
         return (logits, features) if return_features else logits
 
 
