@@ -62,6 +62,8 @@ class StepBench:
     remat_policy: str = "none"
     attention_impl: str = "auto"
     attention_pad_multiple: int | None = None  # None: the model's choice
+    gelu_recompute: bool = False  # Model.gelu_recompute: tanh recomputed in the backward pass
+    fused_qkv: bool = False       # Model.fused_qkv: one q/k/v product
     warmup: int = 3
     steps: int = 20
     repeats: int = 3
@@ -93,6 +95,7 @@ def build(cfg: StepBench) -> Built:
     model_kwargs = dict(recipe.model.to_dict(), dtype=cfg.dtype, scan=cfg.scan,
                         remat_policy=cfg.remat_policy, attention_impl=cfg.attention_impl,
                         attention_pad_multiple=cfg.attention_pad_multiple,
+                        gelu_recompute=cfg.gelu_recompute, fused_qkv=cfg.fused_qkv,
                         rep_size=cfg.rep_size)
     if cfg.depth:
         model_kwargs["depth"] = cfg.depth
@@ -335,6 +338,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="pad the tokens once, before the blocks, to a multiple of this "
                              "(Model.attention_pad_multiple); 0 = the model's choice (2 where cuDNN "
                              "attention runs, else none); 1 = never (blocks pad for cuDNN themselves)")
+    parser.add_argument("--gelu_recompute", action="store_true",
+                        help="Model.gelu_recompute: the GELU's backward pass recomputes tanh from "
+                             "its input instead of keeping it (one tensor less per block)")
+    parser.add_argument("--fused_qkv", action="store_true",
+                        help="Model.fused_qkv: query, key and value as one product over the stacked "
+                             "kernels")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps after compiling")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per round")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds; the median is reported")
@@ -360,6 +369,7 @@ def config_from_args(args: argparse.Namespace) -> StepBench:
         dtype=args.dtype,
         scan=args.scan, remat_policy=args.remat,
         attention_impl=args.attention_impl, attention_pad_multiple=args.attention_pad_multiple or None,
+        gelu_recompute=args.gelu_recompute, fused_qkv=args.fused_qkv,
         warmup=args.warmup, steps=args.steps, repeats=args.repeats,
         profile_dir=args.profile_dir, profile_steps=args.profile_steps, dump_hlo=args.dump_hlo)
 

@@ -37,26 +37,10 @@ import numpy as np
 
 from benchmarks import report
 from benchmarks.fwd_bwd import RESULT_COLUMNS, bench, forward_backward, write_rows
+from coyo_vit.models.activations import gelu, gelu_recomputed
 from coyo_vit.models.vit import decode_variant
 
 Array = jax.Array
-
-
-@jax.custom_vjp
-def gelu_recomputed(x: Array) -> Array:
-    """tanh-approximate GELU (flax's nn.gelu) whose backward pass keeps only its input."""
-    return jax.nn.gelu(x, approximate=True)
-
-
-def _gelu_forward(x: Array) -> tuple[Array, Array]:
-    return gelu_recomputed(x), x
-
-
-def _gelu_backward(x: Array, cotangent: Array) -> tuple[Array]:
-    return jax.vjp(lambda y: jax.nn.gelu(y, approximate=True), x)[1](cotangent)
-
-
-gelu_recomputed.defvjp(_gelu_forward, _gelu_backward)
 
 
 def mlp(activation: Callable[[Array], Array]) -> Callable[..., Array]:
@@ -96,7 +80,7 @@ def head_bf16_operands(features, kernel, bias):
 
 
 PARTS: dict[str, dict[str, Callable[..., Array]]] = {
-    "mlp": {"autodiff": mlp(lambda h: jax.nn.gelu(h, approximate=True)),
+    "mlp": {"autodiff": mlp(gelu),
             "recompute_gelu": mlp(gelu_recomputed)},
     "qkv": {"separate": qkv_separate, "fused": qkv_fused},
     "head": {"float32": head_float32, "bf16_operands": head_bf16_operands},

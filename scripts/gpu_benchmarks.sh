@@ -19,8 +19,9 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_bench}
 BUDGET=${1:-540}
 [[ $BUDGET =~ ^[0-9]+$ ]] || { echo "BUDGET_SECONDS must be a whole number of seconds, got '$BUDGET'" >&2; exit 2; }
-ALL="b16_bf16_b256_auto block_parts b16_bf16_b512_auto l16_compile_unrolled l16_compile_scan
-  b16_bf16_b256_pad_once16 attention l16_bf16_b128_auto b16_bf16_b256_per_block b16_bf16_b256_xla
+ALL="b16_bf16_b256_auto b16_bf16_b256_gelu_recompute b16_bf16_b256_fused_qkv b16_bf16_b256_both
+  b16_bf16_b256_gelu_epilogue block_parts gemm_rewriter_dump b16_bf16_b512_auto l16_compile_unrolled
+  l16_compile_scan b16_bf16_b256_pad_once16 attention l16_bf16_b128_auto b16_bf16_b256_per_block b16_bf16_b256_xla
   b16_bf16_b256_cublaslt b16_bf16_b256_cudnn_ln b16_bf16_b256_scan_dots l16_bf16_b128_xla
   b16_bf16_b256_auto_xla_flags b16_bf16_b256_no_triton_gemm"
 shift || true
@@ -63,6 +64,19 @@ run() {  # NAME: one named measurement (the names are the JSON files' names)
     # optimized HLO that says what each fusion computes).
     b16_bf16_b256_auto) bench "$1" $B16 --batch 256 --attention_impl auto --profile_dir "$PROFILES/$1" \
       --dump_hlo "$OUT/$1.hlo.txt" ;;
+    # The block's byte-saving forms (Model.gelu_recompute, Model.fused_qkv), alone and together.
+    b16_bf16_b256_gelu_recompute) bench "$1" $B16 --batch 256 --gelu_recompute ;;
+    b16_bf16_b256_fused_qkv) bench "$1" $B16 --batch 256 --fused_qkv ;;
+    b16_bf16_b256_both) bench "$1" $B16 --batch 256 --gelu_recompute --fused_qkv ;;
+    # Bias + GELU in the cuBLASLt epilogue: XLA's GELU matcher only sees the dot before Triton's
+    # GEMM fusion takes it and before bf16 tanh is wrapped in float32 converts, and only when the
+    # GELU's intermediates have one user each (the recomputing backward pass gives that).
+    b16_bf16_b256_gelu_epilogue) XLA_FLAGS="--xla_gpu_enable_triton_gemm=false --xla_gpu_enable_cublaslt=true" \
+      bench "$1" $B16 --batch 256 --gelu_recompute --dump_hlo "$OUT/$1.hlo.txt" ;;
+    # Why the GEMMs keep the DEFAULT epilogue: the HLO before and after each GEMM-related pass of
+    # a one-block B/16 step (small, compile only).
+    gemm_rewriter_dump) XLA_FLAGS="--xla_dump_to=$OUT/xla_dump --xla_dump_hlo_module_re=.*step.* --xla_dump_hlo_pass_re=gemm-fusion|cublas-gemm-rewriter|float-normalization.*|call-inliner" \
+      bench "$1" --variant B/16 --dtype bfloat16 --batch 8 --depth 1 --gelu_recompute --compile_only ;;
     # Padding inside each block (q/k/v to 198, sliced back) instead of the tokens once (default).
     b16_bf16_b256_per_block) bench "$1" $B16 --batch 256 --attention_pad_multiple 1 ;;
     # One XLA flag at a time: cuBLASLt (bias/GELU epilogues fused into the GEMMs), cuDNN LayerNorm.
@@ -89,8 +103,8 @@ for dir in "$PROFILES"/*/; do
   trace=$(ls -t "$dir"plugins/profile/*/*.trace.json.gz 2>/dev/null | head -1)
   [[ -n $trace ]] && cp "$trace" "$OUT/$(basename "$dir").trace.json.gz"
 done
-(cd "$OUT" && tar -czf gpu_benchmarks.tar.gz $(ls *.json *.hlo.txt *.trace.json.gz 2>/dev/null) \
-  && rm -f *.json *.hlo.txt *.trace.json.gz)
+(cd "$OUT" && tar -czf gpu_benchmarks.tar.gz $(ls -d *.json *.hlo.txt *.trace.json.gz xla_dump/*.txt 2>/dev/null) \
+  && rm -rf *.json *.hlo.txt *.trace.json.gz xla_dump)
 if [[ -f $OUT/gpu_benchmarks.tar.gz ]]; then
   echo "results: $OUT/gpu_benchmarks.tar.gz, $OUT/gpu_benchmarks.log"
 else

@@ -359,6 +359,55 @@ def test_padding_the_sequence_once_changes_no_output_or_gradient(pool_type, scan
         np.testing.assert_allclose(g, w, atol=1e-5, err_msg=path)
 
 
+@pytest.mark.parametrize("scan, remat", [(False, "none"), (True, "none"), (False, "full")])
+def test_gelu_recompute_and_fused_qkv_keep_parameters_values_and_gradients(scan, remat):
+    # The two byte-saving forms of the block (off by default): same parameter tree, so the same
+    # checkpoints load, and the same loss and gradients, under scan and remat too.
+    x = images()
+    plain = tiny(scan=scan, remat_policy=remat, attention_impl="xla")
+    params = random_params(plain, x)
+
+    def loss_and_grads(model):
+        loss = lambda p: (model.apply({"params": p}, x) ** 2).sum()
+        return jax.jit(jax.value_and_grad(loss))(params)
+
+    want, want_grads = loss_and_grads(plain)
+    for option in ("gelu_recompute", "fused_qkv"):
+        model = tiny(scan=scan, remat_policy=remat, attention_impl="xla", **{option: True})
+        assert flat(param_shapes(model, x)).keys() == flat(param_shapes(plain, x)).keys()
+        got, got_grads = loss_and_grads(model)
+        np.testing.assert_allclose(got, want, rtol=1e-5, err_msg=option)
+        for (path, g), w in zip(flat(got_grads).items(), flat(want_grads).values()):
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6, err_msg=f"{option}: {path}")
+
+
+def test_gelu_recompute_keeps_only_the_input_for_the_backward_pass():
+    # What it is for: autodiff's backward pass of tanh-GELU reads a saved tanh; the custom VJP
+    # keeps x alone, so the saved residuals lose one array of x's shape.
+    from coyo_vit.models import activations
+    x = jnp.linspace(-4.0, 4.0, 24, dtype=jnp.float32).reshape(4, 6)
+    # The pullback jax.vjp returns is a pytree whose leaves are exactly the saved residuals.
+    shapes = {name: [leaf.shape for leaf in jax.tree_util.tree_leaves(jax.vjp(fn, x)[1])]
+              for name, fn in (("autodiff", activations.gelu),
+                               ("recompute", activations.gelu_recomputed))}
+    assert shapes["recompute"] == [(4, 6)], shapes
+    assert shapes["autodiff"].count((4, 6)) > 1, shapes
+    # ... and XLA really computes tanh again in the backward pass of an MLP, planning fewer
+    # temporary bytes (without the optimization barrier its CSE pass merged the two tanh and the
+    # plan was the same as autodiff's).
+    h, w1, w2 = (jnp.ones(shape) for shape in ((256, 64), (64, 256), (256, 64)))
+    compiled = {}
+    for name, act in (("autodiff", activations.gelu), ("recompute", activations.gelu_recomputed)):
+        loss = lambda *args, act=act: ((act(args[0] @ args[1]) @ args[2]) ** 2).sum()
+        compiled[name] = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(h, w1, w2).compile()
+    assert len(re.findall(r"\btanh\(", compiled["recompute"].as_text())) == 2
+    temp = {name: c.memory_analysis().temp_size_in_bytes for name, c in compiled.items()}
+    assert temp["recompute"] < temp["autodiff"], temp
+    np.testing.assert_array_equal(activations.gelu_recomputed(x), nn.gelu(x))
+    np.testing.assert_array_equal(jax.grad(lambda v: activations.gelu_recomputed(v).sum())(x),
+                                  jax.grad(lambda v: nn.gelu(v).sum())(x))
+
+
 def _refusing_cudnn(calls: list):
     """A stand-in for jax's cuDNN attention on this GPU-less machine, refusing as jax 0.11.2 did
     on an H100: the inference call accepts any length, the training (forward-for-VJP) rule
@@ -467,6 +516,8 @@ def test_on_a_cudnn_gpu_16bit_models_pad_their_tokens_once_to_an_even_length(mon
     (dict(variant="B/16", attention_impl="flash"), "'cudnn'"),
     (dict(variant="B/16", attention_pad_multiple=0), "attention_pad_multiple"),
     (dict(variant="B/16", dropout=1.0), "dropout"),
+    (dict(variant="B/16", fused_qkv="yes"), "fused_qkv"),
+    (dict(variant="B/16", gelu_recompute=1), "gelu_recompute"),
     (dict(variant="B/16", rep_size=-3), "rep_size"),
     (dict(width=64, depth=2, mlp_dim=128, num_heads=4), "patch_size"),
     (dict(variant="B/16", num_heads=5), "num_heads=5"),

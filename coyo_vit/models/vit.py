@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from coyo_vit.models import attention_backends, pixels
+from coyo_vit.models import activations, attention_backends, pixels
 from coyo_vit.models.attention import Attention
 from coyo_vit.models.logical_axes import HIDDEN, LOGITS, TOKENS, boxed, constrain
 
@@ -89,11 +89,15 @@ def posemb_sincos_2d(height: int, width: int, dim: int, temperature: float = 10_
 
 
 class MlpBlock(nn.Module):
-    """Dense -> GELU(tanh) -> Dropout -> Dense -> Dropout, as in vit_jax."""
+    """Dense -> GELU(tanh) -> Dropout -> Dense -> Dropout, as in vit_jax.
+
+    `gelu_recompute`: the GELU's backward pass keeps only its input (activations.py).
+    """
 
     mlp_dim: int
     dropout: float = 0.0
     dtype: Any = jnp.float32
+    gelu_recompute: bool = False
 
     @nn.compact
     def __call__(self, x: Array, deterministic: bool = True) -> Array:
@@ -103,7 +107,7 @@ class MlpBlock(nn.Module):
             kernel_init=boxed(nn.initializers.xavier_uniform(), ("embed", "mlp")),
             bias_init=boxed(nn.initializers.normal(stddev=1e-6), ("mlp",)), name="Dense_0")(x)
         x = constrain(x, HIDDEN)
-        x = nn.gelu(x)
+        x = (activations.gelu_recomputed if self.gelu_recompute else activations.gelu)(x)
         x = nn.Dropout(rate=self.dropout)(x, deterministic)
         x = nn.Dense(
             width, dtype=self.dtype, param_dtype=jnp.float32,
@@ -140,6 +144,8 @@ class Encoder1DBlock(nn.Module):
     dtype: Any = jnp.float32
     attention_impl: str | None = None
     kv_length: int | None = None  # tokens from here on are padding that attention must ignore
+    gelu_recompute: bool = False
+    fused_qkv: bool = False
 
     @nn.compact
     def __call__(self, x: Array, drop_path_rate: Array | float, deterministic: bool) -> tuple[Array, None]:
@@ -148,7 +154,8 @@ class Encoder1DBlock(nn.Module):
 
         y = _layer_norm("LayerNorm_0", self.dtype)(x)
         y = Attention(num_heads=self.num_heads, dtype=self.dtype, implementation=self.attention_impl,
-                      kv_length=self.kv_length, name="MultiHeadDotProductAttention_1")(y, y)
+                      kv_length=self.kv_length, fused_qkv=self.fused_qkv,
+                      name="MultiHeadDotProductAttention_1")(y, y)
         y = nn.Dropout(rate=self.dropout)(y, deterministic)
         if drop_path:
             y = _drop_path(self, y, drop_path_rate)
@@ -156,7 +163,7 @@ class Encoder1DBlock(nn.Module):
 
         y = _layer_norm("LayerNorm_2", self.dtype)(x)
         y = MlpBlock(mlp_dim=self.mlp_dim, dropout=self.dropout, dtype=self.dtype,
-                     name="MlpBlock_3")(y, deterministic)
+                     gelu_recompute=self.gelu_recompute, name="MlpBlock_3")(y, deterministic)
         if drop_path:
             y = _drop_path(self, y, drop_path_rate)
         x = constrain(x + y, TOKENS)
@@ -180,6 +187,8 @@ class Encoder(nn.Module):
     dtype: Any = jnp.float32
     attention_impl: str | None = None
     pad_multiple: int | None = None  # pad the tokens once to a multiple of this (see Model)
+    gelu_recompute: bool = False
+    fused_qkv: bool = False
 
     @nn.compact
     def __call__(self, x: Array, deterministic: bool) -> Array:
@@ -195,7 +204,8 @@ class Encoder(nn.Module):
         block_kwargs = dict(mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout=self.dropout,
                             use_drop_path=self.stoch_depth > 0, dtype=self.dtype,
                             attention_impl=self.attention_impl,
-                            kv_length=length if self.pad_multiple else None)
+                            kv_length=length if self.pad_multiple else None,
+                            gelu_recompute=self.gelu_recompute, fused_qkv=self.fused_qkv)
         block_cls = Encoder1DBlock
         policy = REMAT_POLICIES[self.remat_policy]
         if self.remat_policy != "none":
@@ -309,6 +319,13 @@ class Model(nn.Module):
     # Dropout masks are drawn over the padded shape, so runs with dropout differ from unpadded ones
     # (by default: GPU runs from CPU runs, and from runs before the padding existed).
     attention_pad_multiple: int | None = None
+    # Two forms of the block that compute the same values and move fewer bytes, off until a GPU
+    # step measures them faster (docs/performance.md, section 3): the GELU's backward pass
+    # recomputes tanh from its input instead of keeping it (activations.py), and self-attention
+    # runs query, key and value as one product over their stacked kernels (attention.py).
+    # Parameters and checkpoints are the same either way.
+    gelu_recompute: bool = False
+    fused_qkv: bool = False
 
     def __post_init__(self) -> None:
         # Validate at construction so a bad config fails before any tracing or compilation.
@@ -316,6 +333,9 @@ class Model(nn.Module):
         _check_choice("posemb", self.posemb, POSEMB_TYPES)
         _check_choice("remat_policy", self.remat_policy, tuple(REMAT_POLICIES))
         _check_choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
+        for field in ("scan", "gelu_recompute", "fused_qkv"):
+            if not isinstance(getattr(self, field), (bool, np.bool_)):
+                raise ValueError(f"{field} must be True or False, got {getattr(self, field)!r}.")
         for field in ("dropout", "stoch_depth"):
             rate = getattr(self, field)
             if not 0.0 <= rate < 1.0:
@@ -402,7 +422,8 @@ class Model(nn.Module):
             grid=(grid_h, grid_w), has_cls=self.pool_type == "tok", dropout=self.dropout,
             stoch_depth=self.stoch_depth, scan=self.scan, remat_policy=self.remat_policy,
             dtype=dtype, attention_impl=self.attention_impl,
-            pad_multiple=self.token_pad_multiple, name="Transformer")(x, deterministic)
+            pad_multiple=self.token_pad_multiple, gelu_recompute=self.gelu_recompute,
+            fused_qkv=self.fused_qkv, name="Transformer")(x, deterministic)
 
         if self.pool_type == "tok":
             x = x[:, 0]

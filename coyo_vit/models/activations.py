@@ -1,0 +1,39 @@
+"""The MLP's GELU, in the two forms whose backward passes keep different tensors.
+
+`gelu` is flax's `nn.gelu` (tanh approximation, as vit_jax and big_vision train with). Under
+autodiff its backward pass reads the tanh that the forward pass saved next to the output.
+`gelu_recomputed` computes the same values and gradients but keeps only its input and recomputes
+tanh in the backward pass: per MLP one [tokens, mlp_dim] tensor less written by the forward pass
+and read by the backward pass. On a GPU, where these element-wise passes run at the memory's
+bandwidth, that is time; on a CPU it is noise (docs/performance.md, section 3).
+"""
+from __future__ import annotations
+
+import jax
+
+Array = jax.Array
+
+
+def gelu(x: Array) -> Array:
+    """tanh-approximate GELU, exactly flax's `nn.gelu` default."""
+    return jax.nn.gelu(x, approximate=True)
+
+
+@jax.custom_vjp
+def gelu_recomputed(x: Array) -> Array:
+    """`gelu` whose backward pass keeps only `x` (see the module docstring)."""
+    return gelu(x)
+
+
+def _forward(x: Array) -> tuple[Array, Array]:
+    return gelu(x), x
+
+
+def _backward(x: Array, cotangent: Array) -> tuple[Array]:
+    # Without the barrier XLA's common-subexpression pass merges the recomputed tanh with the
+    # forward pass's, and the forward fusion writes it out again (seen in the compiled HLO).
+    x = jax.lax.optimization_barrier(x)
+    return jax.vjp(gelu, x)[1](cotangent)
+
+
+gelu_recomputed.defvjp(_forward, _backward)
