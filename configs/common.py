@@ -2,8 +2,21 @@
 from __future__ import annotations
 
 import ml_collections
+from ml_collections import config_dict
 
 NUM_COYO_CLASSES = 21841
+
+
+def model_speed_options() -> dict:
+    """Model fields that change speed and memory, not the parameters or (but for rounding) the
+    values: listed in every config so `--config.model.NAME=...` can set them. What each does and
+    what it measured: coyo_vit.models.vit.Model and docs/performance.md."""
+    return dict(
+        attention_impl="auto",                    # auto (cuDNN on GPUs, else XLA), xla or cudnn
+        attention_pad_multiple=config_dict.placeholder(int),  # None = the model's choice; 1 = never
+        gelu_recompute=False,                     # GELU backward recomputes tanh (less memory)
+        fused_qkv=False,                          # one q/k/v product over the stacked kernels
+    )
 
 
 def input_config(*, files: str, pp_train: str, pp_eval: str, shuffle_buffer: int,

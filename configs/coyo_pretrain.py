@@ -35,7 +35,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.loss = "sigmoid_xent"
     config.model = dict(variant=args["variant"], pool_type="tok", rep_size=1024, dropout=0.0,
                         head_kernel_init=0.0, head_bias_init=-10.0, dtype="bfloat16",
-                        scan=False, remat_policy="none")
+                        scan=False, remat_policy="none",
+                        **common.model_speed_options())
     labels = f"coyo_labels('threshold', {args['threshold']})"
     config.input = common.input_config(
         files=args["files"],

@@ -27,7 +27,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.loss = "sigmoid_xent"
     config.model = dict(patch_size=8, width=96, depth=4, mlp_dim=192, num_heads=4, pool_type="tok",
                         rep_size=None, dropout=0.0, head_kernel_init=0.0, head_bias_init=-10.0,
-                        dtype="float32", scan=False, remat_policy="none")
+                        dtype="float32", scan=False, remat_policy="none",
+                        **common.model_speed_options())
     labels = "coyo_labels('threshold', 0.1)"
     config.input = common.input_config(
         files="",  # filled in with the demo data directory

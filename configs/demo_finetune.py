@@ -47,7 +47,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # rep_size=None, image_size=32) adapts the pretrained parameters to it.
     config.model = dict(patch_size=8, width=96, depth=4, mlp_dim=192, num_heads=4, pool_type="tok",
                         rep_size=None, dropout=0.0, head_kernel_init=0.0, head_bias_init=0.0,
-                        dtype="float32", scan=False, remat_policy="none")
+                        dtype="float32", scan=False, remat_policy="none",
+                        **common.model_speed_options())
     root = config_dict.FieldReference("", field_type=str)  # filled in with the digits folder
     digits = dict(name="imagefolder", root=root)
     labels = f"onehot({NUM_CLASSES})"

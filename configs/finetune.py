@@ -67,7 +67,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.loss = "softmax_xent"
     config.model = dict(variant=args["variant"], pool_type="tok", rep_size=None, dropout=0.0,
                         head_kernel_init=0.0, head_bias_init=0.0, dtype="bfloat16", scan=False,
-                        remat_policy="none")
+                        remat_policy="none",
+                        **common.model_speed_options())
     if args["dataset"]:
         source = dict(name="tfds", tfds_name=args["dataset"], data_dir=config_dict.placeholder(str),
                       manual_dir=config_dict.placeholder(str))

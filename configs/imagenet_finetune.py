@@ -47,7 +47,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.loss = "softmax_xent"
     config.model = dict(variant=args["variant"], pool_type="tok", rep_size=None, dropout=0.0,
                         head_kernel_init=0.0, head_bias_init=0.0, dtype="bfloat16", scan=False,
-                        remat_policy="none")
+                        remat_policy="none",
+                        **common.model_speed_options())
     data_dir, manual_dir = config_dict.placeholder(str), config_dict.placeholder(str)
     imagenet = dict(name="tfds", tfds_name="imagenet2012", data_dir=data_dir, manual_dir=manual_dir)
     labels = f"onehot({NUM_CLASSES})"
