@@ -44,7 +44,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         pp_eval=f"decode|resize_small(256)|central_crop({args['res']})|{labels}",
         shuffle_buffer=250_000, holdout_examples=50_000)
     config.optimizer = dict(name="adamw", b1=0.9, b2=0.999, eps=1e-7, weight_decay=0.1,
-                            decay_pattern=r".*/kernel", grad_clip_norm=1.0)
+                            decay_pattern=r".*/kernel", grad_clip_norm=1.0,
+                            skip_nonfinite=False)  # True: skip steps whose loss/gradients are inf/nan
     config.schedule = dict(base_lr=6e-4, end_lr=1e-5, warmup_steps=10_000, decay="linear")
     config.eval_batch_size = 1024
     common.run_control(config, log_every=100, eval_every=5_000, checkpoint_every=2_000)

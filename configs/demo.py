@@ -36,7 +36,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         pp_eval=f"decode|resize(32)|{labels}",
         shuffle_buffer=2048, holdout_files=1)
     config.optimizer = dict(name="adamw", b1=0.9, b2=0.999, eps=1e-7, weight_decay=0.1,
-                            decay_pattern=r".*/kernel", grad_clip_norm=1.0)
+                            decay_pattern=r".*/kernel", grad_clip_norm=1.0,
+                            skip_nonfinite=False)  # True: skip steps whose loss/gradients are inf/nan
     config.schedule = dict(base_lr=3e-3, end_lr=1e-5, warmup_steps=100, decay="linear")
     config.eval_batch_size = 256
     common.run_control(config, log_every=50, eval_every=300, checkpoint_every=300)

@@ -63,7 +63,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         prefetch=2,
         ram_budget_gb=None)
     config.optimizer = dict(name="sgd", momentum=0.9, nesterov=False, weight_decay=0.0,
-                            grad_clip_norm=1.0)
+                            grad_clip_norm=1.0,
+                            skip_nonfinite=False)  # True: skip steps whose loss/gradients are inf/nan
     config.schedule = dict(base_lr=0.1, end_lr=0.0, warmup_steps=50, decay="cosine")
     config.ema_decay = config_dict.placeholder(float)
     config.mixup_alpha = 0.0

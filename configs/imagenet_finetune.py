@@ -63,7 +63,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         prefetch=4,
         ram_budget_gb=None)
     config.optimizer = dict(name="sgd", momentum=0.9, nesterov=False, weight_decay=0.0,
-                            grad_clip_norm=1.0)
+                            grad_clip_norm=1.0,
+                            skip_nonfinite=False)  # True: skip steps whose loss/gradients are inf/nan
     config.schedule = dict(base_lr=args["lr"], end_lr=0.0, warmup_steps=500, decay="cosine")
     config.ema_decay = config_dict.placeholder(float)
     config.ema_decay = ema

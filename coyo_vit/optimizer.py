@@ -58,7 +58,11 @@ def _key_name(key) -> str:
 
 
 def make_optimizer(cfg: Mapping[str, Any], schedule: optax.Schedule) -> optax.GradientTransformation:
-    """Clipping, then the optimizer, with weight decay only where `decay_pattern` matches."""
+    """Clipping, then the optimizer, with weight decay only where `decay_pattern` matches.
+
+    `skip_nonfinite` is accepted here but acts in the train step (train_step.make_train_step),
+    which keeps the state of a step with a non-finite loss or gradient.
+    """
     name = cfg.get("name", "adamw")
     common = ("name", "grad_clip_norm", "weight_decay", "decay_pattern", "skip_nonfinite")
     allowed = {"adamw": common + ("b1", "b2", "eps"), "sgd": common + ("momentum", "nesterov")}
@@ -78,8 +82,7 @@ def make_optimizer(cfg: Mapping[str, Any], schedule: optax.Schedule) -> optax.Gr
             parts.append(optax.add_decayed_weights(wd, mask=decay_mask(cfg.get("decay_pattern", r".*/kernel"))))
         parts.append(optax.sgd(schedule, momentum=cfg.get("momentum", 0.9) or None,
                                nesterov=bool(cfg.get("nesterov", False))))
-    tx = optax.chain(*parts)
-    if cfg.get("skip_nonfinite", False):
-        # Drop an update whose gradients hold inf/nan (the step still counts); give up after 10 in a row.
-        tx = optax.apply_if_finite(tx, max_consecutive_errors=10)
-    return tx
+    if not isinstance(cfg.get("skip_nonfinite", False), bool):
+        raise ValueError(f"optimizer.skip_nonfinite must be True or False, got "
+                         f"{cfg.get('skip_nonfinite')!r}")
+    return optax.chain(*parts)

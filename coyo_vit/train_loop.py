@@ -56,6 +56,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     image_shape = (config.image_size, config.image_size, 3)
     schedule = optimizer.make_schedule(config.schedule, config.total_steps)
     tx = optimizer.make_optimizer(config.optimizer, schedule)
+    skip_nonfinite = config.optimizer.get("skip_nonfinite", False)
     loss_fn = losses.get_loss(config.loss)
     with nn.logical_axis_rules(rules):
         abstract, shardings = state_shardings(model, tx, image_shape, mesh, rules,
@@ -96,7 +97,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
                                depth=config.get("device_prefetch", 2))
     train_step = make_train_step(model, tx, loss_fn, shardings, sharding.batch_sharding(mesh),
                                  schedule, grad_accum_steps=accum, ema_decay=config.get("ema_decay"),
-                                 mixup_alpha=config.get("mixup_alpha", 0.0))
+                                 mixup_alpha=config.get("mixup_alpha", 0.0),
+                                 skip_nonfinite=skip_nonfinite)
     evaluators = build_evaluators(config.get("evals"), model=model, mesh=mesh,
                                   params_shardings=shardings.params, loss_fn=loss_fn)
     if config.get("eval_every_steps"):  # the COYO holdout, next to any configured evaluators
@@ -122,12 +124,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
             log_now = step % config.log_every_steps == 0 or step == config.total_steps
             if save or log_now:
                 host_metrics = jax.device_get(pending)
-                if not config.optimizer.get("skip_nonfinite", False):
-                    # Never checkpoint (nor go on from) parameters past a non-finite loss.
-                    _check_finite(host_metrics, step - len(pending) + 1, checkpointer, workdir)
+                # Never checkpoint (nor go on from) non-finite parameters. With skip_nonfinite
+                # the step kept the last finite ones, so only the parameters themselves are checked.
+                _check_finite(host_metrics, step - len(pending) + 1, checkpointer, workdir,
+                              "train/param_norm" if skip_nonfinite else "train/loss")
             if log_now:
-                scalars = {k: float(np.nanmean(v)) for k, v in
-                           jax.tree.map(lambda *xs: np.stack(xs), *host_metrics).items()}
+                scalars = {k: float(np.sum(v) if k == "train/skipped_nonfinite" else np.nanmean(v))
+                           for k, v in jax.tree.map(lambda *xs: np.stack(xs), *host_metrics).items()}
                 pending.clear()
                 rate = progress.report(step)
                 scalars.update({"train/images_per_sec": rate["images_per_sec"],
@@ -172,16 +175,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
 
 
 def _check_finite(step_metrics: list[dict[str, Any]], first_step: int, checkpointer: TrainCheckpointer,
-                  workdir: str) -> None:
-    """Stops the run at the first non-finite loss, naming its step; earlier checkpoints stay."""
+                  workdir: str, key: str = "train/loss") -> None:
+    """Stops the run at the first non-finite `key` metric, naming its step; earlier checkpoints stay."""
     for offset, metrics in enumerate(step_metrics):
-        loss = float(metrics["train/loss"])
-        if not np.isfinite(loss):
+        value = float(metrics[key])
+        if not np.isfinite(value):
             checkpointer.close()
+            what = "training loss" if key == "train/loss" else key
+            advice = ("lower the learning rate or set config.optimizer.skip_nonfinite=True to "
+                      "skip such updates" if key == "train/loss" else "lower the learning rate")
             raise FloatingPointError(
-                f"Non-finite training loss ({loss}) at step {first_step + offset}. The last good "
-                f"checkpoint in {workdir} is kept; lower the learning rate or set "
-                f"config.optimizer.skip_nonfinite=True to skip such updates.")
+                f"Non-finite {what} ({value}) at step {first_step + offset}. The last good "
+                f"checkpoint in {workdir} is kept; {advice}.")
 
 
 def _init_params(config: ml_collections.ConfigDict, model: Model) -> Any:

@@ -89,12 +89,18 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                     loss_fn: Callable[[jax.Array, jax.Array], jax.Array],
                     shardings: TrainState, batch_sharding: NamedSharding,
                     schedule: optax.Schedule, grad_accum_steps: int = 1,
-                    ema_decay: float | None = None, mixup_alpha: float = 0.0) -> Callable:
+                    ema_decay: float | None = None, mixup_alpha: float = 0.0,
+                    skip_nonfinite: bool = False) -> Callable:
     """Returns step(state, batch) -> (state, metrics); `state` is donated.
 
     With gradient accumulation the global batch is split into `grad_accum_steps` micro-batches
     whose gradients are averaged inside one compiled step, so one step is one global batch.
     Mixup (alpha > 0) mixes the global batch on device; the EMA (when kept) follows each update.
+    With `skip_nonfinite`, a step whose loss or gradient norm is inf/nan keeps the parameters,
+    optimizer moments and EMA it started from (the step counts and the schedule still advance)
+    and reports `train/skipped_nonfinite` = 1. Done here rather than with optax.apply_if_finite,
+    which gives up after a run of bad steps (applying the NaN update) and changes the
+    optimizer state's layout, so checkpoints with and without it would not restore each other.
     """
     def loss_and_metrics(params, images, labels, rng):
         logits = model.apply({"params": params}, images, train=True, rngs={"dropout": rng})
@@ -127,12 +133,24 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
             loss, prec1, grads = jax.tree.map(lambda x: x / grad_accum_steps, (loss, prec1, grads))
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-        if state.ema_params is not None:
-            new_state = new_state.replace(
-                ema_params=ema_lib.ema_update(state.ema_params, params, ema_decay, state.step))
+        ema_params = state.ema_params
+        if ema_params is not None:
+            ema_params = ema_lib.ema_update(state.ema_params, params, ema_decay, state.step)
+        grad_norm = optax.tree_utils.tree_norm(grads)
         metrics = {"train/loss": loss, "train/prec@1": prec1, "train/lr": schedule(state.step),
-                   "train/grad_norm": optax.tree_utils.tree_norm(grads), "train/param_norm": optax.tree_utils.tree_norm(params)}
+                   "train/grad_norm": grad_norm}
+        if skip_nonfinite:
+            finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+            # Integer leaves are the optimizer's step counts: they advance, so the learning rate
+            # keeps following the global step (and train/lr stays the rate in use).
+            params, opt_state, ema_params = jax.tree.map(
+                lambda new, old: new if jnp.issubdtype(new.dtype, jnp.integer)
+                else jnp.where(finite, new, old),
+                (params, opt_state, ema_params), (state.params, state.opt_state, state.ema_params))
+            metrics["train/skipped_nonfinite"] = jnp.logical_not(finite).astype(jnp.float32)
+        metrics["train/param_norm"] = optax.tree_utils.tree_norm(params)
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                                  ema_params=ema_params)
         return new_state, metrics
 
     rep = sharding_lib.replicated(batch_sharding.mesh)

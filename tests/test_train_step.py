@@ -211,3 +211,44 @@ def test_gelu_recompute_and_fused_qkv_train_the_same_under_model_sharding():
                                rtol=1e-5)
     for a, b in zip(jax.tree.leaves(ref.params), jax.tree.leaves(got.params)):
         np.testing.assert_allclose(a, b, atol=2e-6, rtol=1e-5)
+
+
+def test_skip_nonfinite_keeps_the_state_of_bad_steps_and_never_gives_up():
+    # 12 poisoned steps in a row (more than optax.apply_if_finite's 10 before it applies a NaN
+    # update), then good ones: the poisoned steps change nothing but the step counter, the good
+    # ones train, and the optimizer state has the same layout as without the option.
+    model = Model(num_classes=50, **TINY)
+    schedule = optimizer.make_schedule(SCHED, 20)
+    tx = optimizer.make_optimizer(dict(OPT, skip_nonfinite=True), schedule)
+    plain_tx = optimizer.make_optimizer(OPT, schedule)
+    mesh = sharding.make_mesh({"data": -1}, jax.devices()[:1])
+    abstract, shardings = state_shardings(model, tx, (16, 16, 3), mesh, sharding.DEFAULT_RULES)
+    plain_abstract, _ = state_shardings(model, plain_tx, (16, 16, 3), mesh, sharding.DEFAULT_RULES)
+    assert jax.tree.structure(abstract) == jax.tree.structure(plain_abstract)
+    state = init_state(model, tx, (16, 16, 3), 0, shardings)
+    # Copies: on the CPU device_get may alias buffers that the donating step then overwrites.
+    snapshot = lambda s: jax.tree.map(np.array, jax.device_get(s))
+    start = snapshot(state)
+    step = make_train_step(model, tx, losses.sigmoid_xent, shardings, sharding.batch_sharding(mesh),
+                           schedule, skip_nonfinite=True)
+    poisoned = _batch()
+    poisoned["image"][0, 0, 0, 0] = np.nan
+    for _ in range(12):
+        state, metrics = step(state, poisoned)
+        assert not np.isfinite(float(metrics["train/loss"]))
+        assert float(metrics["train/skipped_nonfinite"]) == 1.0
+    after_bad = snapshot(state)
+    assert int(after_bad.step) == 12
+    for a, b in zip(jax.tree.leaves((start.params, start.opt_state)),
+                    jax.tree.leaves((after_bad.params, after_bad.opt_state))):
+        if np.issubdtype(a.dtype, np.integer):  # the optimizer's step counts go on
+            np.testing.assert_array_equal(b, a + 12)
+        else:
+            np.testing.assert_array_equal(a, b)
+    state, metrics = step(state, _batch())
+    assert float(metrics["train/skipped_nonfinite"]) == 0.0 and np.isfinite(float(metrics["train/param_norm"]))
+    trained = snapshot(state)
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(after_bad.params),
+                                                         jax.tree.leaves(trained.params)))
+    with pytest.raises(ValueError, match="skip_nonfinite must be True or False"):
+        optimizer.make_optimizer(dict(OPT, skip_nonfinite="yes"), schedule)
