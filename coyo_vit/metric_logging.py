@@ -1,16 +1,20 @@
 """Where metrics go: TensorBoard and the console (clu metric writers) and WORKDIR/metrics.jsonl.
 
 Only process 0 writes files; other processes log to their console only. On resume, lines of
-metrics.jsonl beyond the restored step are dropped so the file reads as one uninterrupted run.
+metrics.jsonl beyond the restored step (and a line a killed run left half-written) are dropped so
+the file reads as one uninterrupted run. Files go through tf.io.gfile, so a gs:// workdir gets
+its metrics.jsonl in the bucket like its checkpoints and TensorBoard logs.
 """
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
 from collections.abc import Mapping
 
+import tensorflow as tf
 from clu import metric_writers
 
 METRICS_FILE = "metrics.jsonl"
@@ -27,7 +31,7 @@ class MetricLogger:
         if is_main:
             path = os.path.join(workdir, METRICS_FILE)
             _truncate_after(path, resume_step)
-            self._jsonl = open(path, "a", encoding="utf-8")
+            self._jsonl = tf.io.gfile.GFile(path, "a")
 
     def write(self, step: int, scalars: Mapping[str, float]) -> None:
         scalars = {k: float(v) for k, v in scalars.items()}
@@ -48,15 +52,28 @@ class MetricLogger:
 
 
 def _truncate_after(path: str, step: int) -> None:
-    """Keeps the lines with step <= `step`; written to a temp file and renamed (never half a file)."""
-    if not os.path.exists(path):
+    """Keeps the lines with step <= `step`; written to a temp file and renamed (never half a file).
+
+    A line that is not JSON can only be a write cut short by a kill: it is dropped, not fatal.
+    """
+    if not tf.io.gfile.exists(path):
         return
-    with open(path, encoding="utf-8") as f:
-        kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+    kept = []
+    with tf.io.gfile.GFile(path, "r") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                logging.warning("%s:%d is not JSON (a write cut short?): dropped", path, number)
+                continue
+            if record.get("step", 0) <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
     tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(kept)
-    os.replace(tmp, path)
+    with tf.io.gfile.GFile(tmp, "w") as f:
+        f.write("".join(kept))
+    tf.io.gfile.rename(tmp, path, overwrite=True)
 
 
 class Progress:

@@ -61,10 +61,15 @@ def latest_checkpoint_step(workdir: str) -> int | None:
 
 def read_metrics(path: str) -> list[dict[str, Any]]:
     """The records of a metrics.jsonl; a half-written last line (a killed run) is ignored."""
-    if not os.path.exists(path):
+    if "://" in path:  # a gs:// workdir: TensorFlow's file systems (imported only then)
+        import tensorflow as tf
+        exists, opener = tf.io.gfile.exists, lambda p: tf.io.gfile.GFile(p, "r")
+    else:
+        exists, opener = os.path.exists, lambda p: open(p, encoding="utf-8")
+    if not exists(path):
         return []
     records = []
-    with open(path, encoding="utf-8") as f:
+    with opener(path) as f:
         lines = f.read().splitlines()
     for number, line in enumerate(lines, 1):
         if not line.strip():

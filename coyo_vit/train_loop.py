@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+import tensorflow as tf
 from flax import linen as nn
 from jax.experimental import multihost_utils
 
@@ -33,11 +34,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     """Trains (or resumes training) per `config` in `workdir`; returns the final state."""
     process_index, process_count = jax.process_index(), jax.process_count()
     is_main = process_index == 0
-    os.makedirs(workdir, exist_ok=True)
+    tf.io.gfile.makedirs(workdir)  # gs:// too, like the checkpoints
     runtime.enable_compilation_cache(config.get("compilation_cache_dir"))
     data = data_setup.prepare_inputs(config, workdir)  # COYO shards or classification data
     if is_main:
-        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+        with tf.io.gfile.GFile(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
 
     # Devices, mesh and batch split. Errors here name the numbers that do not divide.

@@ -1,0 +1,33 @@
+"""metrics.jsonl across resumes: torn lines from a killed run, and non-local (gfile) workdirs."""
+import json
+
+import tensorflow as tf
+
+from coyo_vit import metric_logging
+from coyo_vit.metric_logging import METRICS_FILE, MetricLogger
+from coyo_vit.sweep_summary import read_metrics
+
+TORN = '{"step": 10, "train/loss": 3.0}\n{"step": 20, "train/loss": 2.5}\n{"step": 30, "train/lo'
+
+
+def test_resume_drops_a_half_written_last_line_and_the_steps_past_the_checkpoint(tmp_path):
+    (tmp_path / METRICS_FILE).write_text(TORN)
+    logger = MetricLogger(str(tmp_path), is_main=True, resume_step=10)
+    logger.write(20, {"train/loss": 2.4})
+    logger.close()
+    lines = (tmp_path / METRICS_FILE).read_text().splitlines()
+    assert [json.loads(line) for line in lines] == [{"step": 10, "train/loss": 3.0},
+                                                    {"step": 20, "train/loss": 2.4}]
+
+
+def test_metrics_file_goes_through_tf_gfile():
+    # TensorFlow's in-memory file system stands in for gs://: os.open would make a local
+    # "ram:" directory instead (as it made "gs:" ones before).
+    path = f"ram://coyo_vit_metric_logging/{METRICS_FILE}"
+    tf.io.gfile.makedirs("ram://coyo_vit_metric_logging")
+    with tf.io.gfile.GFile(path, "w") as f:
+        f.write(TORN)
+    metric_logging._truncate_after(path, 20)
+    with tf.io.gfile.GFile(path, "a") as f:
+        f.write('{"step": 30, "train/loss": 2.0}\n')
+    assert [r["step"] for r in read_metrics(path)] == [10, 20, 30]
