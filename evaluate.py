@@ -5,8 +5,9 @@
 
 The checkpoint is anything `checkpoints.load` reads (a training workdir: its latest step; an
 orbax step; a coyo-vit TensorFlow checkpoint; a vit_jax / big_vision .npz). The model comes
-from the checkpoint itself; its position embedding is resized to `config.image_size` when that
-differs. Every entry of `config.evals` runs (or those named by --evals), whatever its
+from the checkpoint itself, but for the speed options of `config.model` (attention_impl,
+attention_pad_multiple, gelu_recompute, fused_qkv), which the config sets; its position
+embedding is resized to `config.image_size` when that differs. Every entry of `config.evals` runs (or those named by --evals), whatever its
 every_steps. The digits demo's folder is written if its root is unset. Results: one row per metric on stdout, and {"checkpoint", "config", "results":
 {metric: value}, "seconds": {evaluator: s}} in --output.
 """
@@ -29,7 +30,7 @@ from ml_collections import config_flags
 
 from coyo_vit import losses, runtime, sharding
 from coyo_vit.evaluators.registry import build_evaluators
-from coyo_vit.models import Model
+from coyo_vit.models import SPEED_OPTIONS, Model
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file with `evals`, optionally with an argument: configs/X.py:arg=val.",
@@ -42,13 +43,14 @@ _VARIANT = flags.DEFINE_string("variant", None, "ViT variant (e.g. L/16) for che
 flags.mark_flags_as_required(["config", "checkpoint"])
 
 
-def load_sharded(path: str, image_size: int, mesh: jax.sharding.Mesh, rules, variant: str | None
-                 ) -> tuple[Model, dict, object]:
-    """(model, params placed per the sharding rules, their shardings) from any checkpoint."""
+def load_sharded(path: str, image_size: int, mesh: jax.sharding.Mesh, rules, variant: str | None,
+                 model_overrides: dict | None = None) -> tuple[Model, dict, object]:
+    """(model, params placed per the sharding rules, their shardings) from any checkpoint;
+    `model_overrides` replace the checkpoint's model fields (the config's speed options)."""
     import checkpoints  # lazy: TensorFlow is only needed for TF checkpoints
 
     params, kwargs = checkpoints.load(path, variant=variant, image_size=image_size)
-    model = Model(**kwargs)
+    model = Model(**{**kwargs, **(model_overrides or {})})
     images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
     with nn.logical_axis_rules(rules):
         boxed = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x)["params"], images)
@@ -93,8 +95,11 @@ def main(argv: list[str]) -> None:
 
     mesh = sharding.make_mesh(config.mesh)
     rules = sharding.rules_from_config(config.get("sharding_rules"))
+    config_model = config.get("model") or {}
+    speed = {k: config_model[k] for k in SPEED_OPTIONS if k in config_model}
     model, params, shardings = load_sharded(_CHECKPOINT.value, config.image_size, mesh, rules,
-                                            _VARIANT.value)
+                                            _VARIANT.value, speed)
+    logging.info("model from the checkpoint, with the config's speed options %s", speed)
     results: dict[str, float] = {}
     seconds: dict[str, float] = {}
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):

@@ -38,14 +38,16 @@ def test_finetune_tf_checkpoint_new_resolution_and_classes(tmp_path):
     state_items = {p.name for p in (workdir / CHECKPOINT_SUBDIR / "30" / "state").iterdir()}
     assert state_items  # written; the EMA weights are part of the state (restore_params prefers them)
 
-    # evaluate.py on the finished workdir sees the EMA weights the loop evaluated at step 30.
+    # evaluate.py on the finished workdir sees the EMA weights the loop evaluated at step 30,
+    # with the config's speed options (tokens padded once to 10 here: the same values).
     output = tmp_path / "eval.json"
     result = subprocess.run(
         [sys.executable, str(REPO / "evaluate.py"), "--config",
          f"{REPO / 'tests/finetune_tiny_config.py'}:{data_dir}", "--checkpoint", str(workdir),
-         "--evals", "val,real", "--output", str(output)],
+         "--evals", "val,real", "--output", str(output), "--config.model.attention_pad_multiple=10"],
         cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "speed options {'attention_impl': 'auto', 'attention_pad_multiple': 10" in result.stderr
     evaluated = json.load(open(output))
     assert evaluated["checkpoint"] == str(workdir) and set(evaluated["seconds"]) == {"val", "real"}
     for name in ("val/top1", "val/top5", "real/top1"):

@@ -530,3 +530,18 @@ def test_bad_configuration_is_rejected_with_the_valid_choices(kwargs, message):
 def test_image_size_must_be_a_multiple_of_the_patch():
     with pytest.raises(ValueError, match="patch_size=8"):
         tiny().init(jax.random.key(0), jnp.zeros((1, 20, 20, 3)))
+
+
+def test_every_config_lists_the_model_speed_options():
+    # So `--config.model.<option>=...` works for every recipe, and evaluate.py can take them.
+    import dataclasses
+    import importlib
+
+    from configs import common
+    from coyo_vit.models import SPEED_OPTIONS
+    assert set(common.model_speed_options()) == set(SPEED_OPTIONS)
+    assert set(SPEED_OPTIONS) <= {f.name for f in dataclasses.fields(Model)}
+    for name, arg in (("coyo_pretrain", None), ("demo", None), ("demo_finetune", None),
+                      ("finetune", "folder=/data/flowers,classes=102"), ("imagenet_finetune", None)):
+        config = importlib.import_module(f"configs.{name}").get_config(arg)
+        assert set(SPEED_OPTIONS) <= set(config.model), name

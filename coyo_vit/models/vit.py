@@ -40,6 +40,9 @@ VARIANTS: dict[str, dict[str, int]] = {
 POOL_TYPES = ("tok", "gap", "map")
 POSEMB_TYPES = ("learn", "sincos2d")
 ATTENTION_IMPLS = attention_backends.IMPLEMENTATIONS
+# Model fields that change speed and memory but not the parameters (nor, but for rounding, the
+# values): every config lists them, and evaluating a checkpoint takes them from the config.
+SPEED_OPTIONS = ("attention_impl", "attention_pad_multiple", "gelu_recompute", "fused_qkv")
 
 # "none" means no rematerialisation at all; every other name is a jax.checkpoint policy
 # ("full" is the usual alias for saving nothing, i.e. recomputing the whole block).
