@@ -1,6 +1,7 @@
 """The embedded demo: a tiny ViT pretrained on drawn images with real ImageNet-21k multi-labels.
 
     python train.py --config configs/demo.py --workdir /tmp/coyo_demo
+    python train.py --config configs/demo.py:60 --workdir /tmp/coyo_demo_short   # 60 steps
 
 The data (img2dataset TFRecord shards, written on first use into WORKDIR/demo_data, or
 `--config.demo_data.out_dir`) holds ~10 drawn concepts, each labeled with a real ImageNet-21k
@@ -16,6 +17,8 @@ from configs import common
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     steps = int(arg) if arg else 1200
+    if steps < 2:
+        raise ValueError(f"configs/demo.py:STEPS needs at least 2 steps, got {steps}")
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.demo_data = dict(out_dir="", num_images=4096, image_size=64)  # "" = WORKDIR/demo_data
@@ -38,7 +41,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.optimizer = dict(name="adamw", b1=0.9, b2=0.999, eps=1e-7, weight_decay=0.1,
                             decay_pattern=r".*/kernel", grad_clip_norm=1.0,
                             skip_nonfinite=False)  # True: skip steps whose loss/gradients are inf/nan
-    config.schedule = dict(base_lr=3e-3, end_lr=1e-5, warmup_steps=100, decay="linear")
+    # Short runs (configs/demo.py:STEPS) warm up over at most half of their steps.
+    config.schedule = dict(base_lr=3e-3, end_lr=1e-5, warmup_steps=min(100, steps // 2),
+                           decay="linear")
     config.eval_batch_size = 256
     common.run_control(config, log_every=50, eval_every=300, checkpoint_every=300)
     config.input.cycle_length = 4

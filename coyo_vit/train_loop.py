@@ -122,7 +122,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
 
             stop = preemption.should_stop(step)
             save = stop or step % config.checkpoint_every_steps == 0 or step == config.total_steps
-            log_now = step % config.log_every_steps == 0 or step == config.total_steps
+            # A preempted run logs what it has too: the steps since the last log are not lost.
+            log_now = stop or step % config.log_every_steps == 0 or step == config.total_steps
             if save or log_now:
                 host_metrics = jax.device_get(pending)
                 # Never checkpoint (nor go on from) non-finite parameters. With skip_nonfinite

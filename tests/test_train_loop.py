@@ -179,6 +179,9 @@ def test_sigterm_checkpoints_current_step_and_resume_finishes(tmp_path, demo_dir
     result = _run(_train_cmd(workdir, demo_dir))
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"Resumed from step {stopped_at}" in result.stderr
+    # The preempted run logged the steps since its last log line before it exited.
+    logged = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+    assert stopped_at in [r["step"] for r in logged if "train/loss" in r]
     for a, b in zip(jax_leaves(restore_params(str(workdir))[0]),
                     jax_leaves(restore_params(str(reference_run))[0])):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
