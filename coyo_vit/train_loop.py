@@ -100,10 +100,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
                                  schedule, grad_accum_steps=accum, ema_decay=config.get("ema_decay"),
                                  mixup_alpha=config.get("mixup_alpha", 0.0),
                                  skip_nonfinite=skip_nonfinite)
-    evaluators = build_evaluators(config.get("evals"), model=model, mesh=mesh,
-                                  params_shardings=shardings.params, loss_fn=loss_fn)
-    if config.get("eval_every_steps"):  # the COYO holdout, next to any configured evaluators
-        evaluators["holdout"] = HoldoutEvaluator(model, loss_fn, config, shardings.params, mesh)
+    evaluators = make_evaluators(config, model=model, mesh=mesh, params_shardings=shardings.params,
+                                 loss_fn=loss_fn)
     logger = MetricLogger(workdir, is_main=is_main, resume_step=first_step)
     progress = Progress(first_step, config.total_steps, config.batch_size)
     pending: list[dict[str, jax.Array]] = []  # device metrics since the last log: no per-step host sync
@@ -174,6 +172,20 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     checkpointer.close()
     logger.close()
     return state
+
+
+def make_evaluators(config: ml_collections.ConfigDict, *, model: Model, mesh: jax.sharding.Mesh,
+                    params_shardings: Any, loss_fn) -> dict[str, Any]:
+    """config.evals, plus the COYO holdout (loss, prec@1) when config.eval_every_steps is set."""
+    evaluators = build_evaluators(config.get("evals"), model=model, mesh=mesh,
+                                  params_shardings=params_shardings, loss_fn=loss_fn)
+    if config.get("eval_every_steps"):
+        if "holdout" in evaluators:
+            raise ValueError("config.evals.holdout clashes with the built-in holdout evaluator that "
+                             "config.eval_every_steps runs (both would write holdout/...): rename "
+                             "the entry of config.evals, or set eval_every_steps=0")
+        evaluators["holdout"] = HoldoutEvaluator(model, loss_fn, config, params_shardings, mesh)
+    return evaluators
 
 
 def _check_finite(step_metrics: list[dict[str, Any]], first_step: int, checkpointer: TrainCheckpointer,

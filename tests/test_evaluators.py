@@ -280,3 +280,50 @@ def _bad_json(directory: Path) -> str:
     path = directory / "short_real.json"
     path.write_text(json.dumps([[1], [2]]))
     return str(path)
+
+
+def test_holdout_with_no_usable_example_raises_instead_of_reporting_zeros():
+    # A pp_eval that fails on every record (a crop larger than the resized image) once gave
+    # holdout/loss = holdout/prec@1 = 0 at every eval, silently.
+    import ml_collections
+
+    from configs import common
+    from coyo_vit.evaluators.holdout import HoldoutEvaluator
+
+    shards = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "coyo_shards" / "shards"
+    model, params, shardings = _model(21841)
+    config = ml_collections.ConfigDict(dict(
+        eval_every_steps=1, eval_batch_size=8,
+        input=common.input_config(files=str(shards / "*.tfrecord"), pp_train="decode",
+                                  pp_eval="decode|resize_small(20)|central_crop(16)|"
+                                          "coyo_labels('threshold', 0.1)",
+                                  shuffle_buffer=8, holdout_files=1).to_dict()))
+    evaluator = HoldoutEvaluator(model, losses.sigmoid_xent, config, shardings, MESH)
+    assert evaluator.evaluate(params)["holdout/examples"] > 0
+    with config.unlocked():
+        config.input.pp_eval = "decode|resize_small(12)|central_crop(16)|coyo_labels('threshold', 0.1)"
+    with pytest.raises(ValueError, match="The holdout gave no example"):
+        HoldoutEvaluator(model, losses.sigmoid_xent, config, shardings, MESH).evaluate(params)
+
+
+def test_a_configured_holdout_evaluator_may_not_shadow_the_built_in_one():
+    import ml_collections
+
+    from configs import common
+    from coyo_vit.train_loop import make_evaluators
+
+    shards = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "coyo_shards" / "shards"
+    model, _, shardings = _model(21841)
+    data = dict(name="coyo_shards", files=str(shards / "*.tfrecord"))
+    pp = "decode|resize_small(20)|central_crop(16)|coyo_labels('threshold', 0.1)"
+    evals = dict(type="multilabel", every_steps=1, batch_size=8, data=data,
+                 holdout=dict(files=1, examples=0), split="holdout", pp=pp)
+    config = ml_collections.ConfigDict(dict(
+        eval_every_steps=1, eval_batch_size=8, evals=dict(holdout=evals),
+        input=common.input_config(files=data["files"], pp_train="decode", pp_eval=pp,
+                                  shuffle_buffer=8, holdout_files=1).to_dict()))
+    kwargs = dict(model=model, mesh=MESH, params_shardings=shardings, loss_fn=losses.sigmoid_xent)
+    with pytest.raises(ValueError, match="config.evals.holdout clashes"):
+        make_evaluators(config, **kwargs)
+    config.evals = dict(multilabel=evals)
+    assert set(make_evaluators(config, **kwargs)) == {"multilabel", "holdout"}

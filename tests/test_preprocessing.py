@@ -50,6 +50,16 @@ def test_pp_string_applies_ops_in_order(records):
     assert "jpg" not in out and "labels" in out
 
 
+@pytest.mark.parametrize("res", [224, 384])
+def test_pretraining_recipe_eval_pp_works_at_every_resolution(records, res):
+    # The recipe's pp_eval crops the usual 224/256 of the shorter side at any resolution (it
+    # once resized to 256 and then could not crop 384: every holdout record failed, silently).
+    from configs import coyo_pretrain
+    config = coyo_pretrain.get_config(f"res={res}")
+    out = pp_parser.parse(config.input.pp_eval)(_example(records[0]))
+    assert out["image"].shape == (res, res, 3)
+
+
 def test_pp_string_keeps_separators_inside_string_arguments():
     # A `|` inside a string is an argument, not an op separator.
     with pytest.raises(ValueError, match=r"features \['a\|b'\] do not exist"):

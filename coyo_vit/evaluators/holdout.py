@@ -43,8 +43,12 @@ class HoldoutEvaluator:
         if totals is None:
             raise ValueError("The holdout is empty: set config.input.holdout.files or .examples.")
         totals = {k: float(v) for k, v in jax.device_get(totals).items()}
-        count = max(totals["count"], 1.0)
+        if totals["count"] == 0:  # a loss and prec@1 of 0 would look like results
+            raise ValueError(
+                "The holdout gave no example: every record was skipped (damaged, or pp_eval failed "
+                "on it, e.g. a central_crop larger than the resized image) or had no label that "
+                f"the label mode keeps. pp_eval: {self._config.input.pp_eval!r}")
         prefix = prefix or self._prefix
-        return {f"{prefix}/loss": totals["loss"] / count,
-                f"{prefix}/prec@1": totals["prec@1"] / count,
+        return {f"{prefix}/loss": totals["loss"] / totals["count"],
+                f"{prefix}/prec@1": totals["prec@1"] / totals["count"],
                 f"{prefix}/examples": totals["count"]}

@@ -14,12 +14,15 @@ over 21,841 classes takes 0.87 GB on each process); `map=False` skips it and kee
 
 Config (in `config.evals`):
 
-    holdout=dict(type="multilabel", every_steps=5000, batch_size=1024,
-                 data=dict(name="coyo_shards", files="/data/coyo/*.tfrecord"),
-                 holdout=dict(files=0, examples=50_000), split="holdout",
-                 pp="decode|resize_small(256)|central_crop(224)|"
-                    "coyo_labels('threshold', 0.1)",
-                 threshold=0.5, map=True)
+    multilabel=dict(type="multilabel", every_steps=5000, batch_size=1024,
+                    data=dict(name="coyo_shards", files="/data/coyo/*.tfrecord"),
+                    holdout=dict(files=0, examples=50_000), split="holdout",
+                    pp="decode|resize_small(256)|central_crop(224)|"
+                       "coyo_labels('threshold', 0.1)",
+                    threshold=0.5, map=True)
+
+(Not `holdout=`: that name belongs to the built-in holdout loss/prec@1 evaluator of
+`eval_every_steps`, and a config that uses both is an error.)
 
 `data` + `holdout` must match the training input's so that the holdout is the same records.
 Classification data (tfds / imagefolder) works too, with multi-hot targets from its pp.
