@@ -93,3 +93,23 @@ def test_predict_cli_prints_top5_imagenet1k_names(tmp_path):
         index = 1000 - rank
         assert line.startswith(f"  {rank}. ") and line.endswith(f"{index} {names.wnids[index]} {names.names[index]}")
     assert lines[1].endswith("999 n15075141 toilet tissue, toilet paper, bathroom tissue")
+
+
+def test_load_image_resizes_like_the_eval_pipeline(tmp_path):
+    # A photo's pixels (the fixture's 1024x512 JPEG, decoded by TensorFlow) saved losslessly,
+    # then resized by load_image and by the pipeline's resize op: the pixels the fine-tuning eval
+    # saw (PIL's antialiasing bilinear differed by up to 0.49 in [-1, 1]). JPEG decoders differ
+    # by a level or so, which is not the resize's doing, so the image goes in as a PNG.
+    import tensorflow as tf
+
+    from input_pipeline.ops_image import resize_uint8
+    shards = sorted((SHARED / "fixtures" / "coyo_shards" / "shards").glob("*.tfrecord"))
+    record = next(iter(tf.data.TFRecordDataset([str(shards[0])])))
+    jpeg = tf.io.parse_single_example(record, {"jpg": tf.io.FixedLenFeature([], tf.string)})["jpg"]
+    pixels = tf.io.decode_jpeg(jpeg, channels=3)
+    Image.fromarray(pixels.numpy()).save(tmp_path / "x.png")
+    for size in ((224, 224), (96, 160)):
+        want = resize_uint8(pixels, size).numpy().astype(np.float32)
+        got = load_image(tmp_path / "x.png", size) * 127.5 + 127.5
+        assert np.abs(got - want).max() <= 1.0 + 1e-4, size  # a .5 tie may round either way
+        assert np.mean(np.abs(got - want) > 0.5) < 1e-3, size
