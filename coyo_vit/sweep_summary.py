@@ -50,26 +50,40 @@ def latest_checkpoint_step(workdir: str) -> int | None:
     Complete = a `<step>/` directory holding both items; orbax writes a step under a temporary
     name and renames it when done, so a half-written step is never counted.
     """
+    fs = _file_system(workdir)
     directory = os.path.join(workdir, CHECKPOINT_SUBDIR)
-    if not os.path.isdir(directory):
+    if not fs.isdir(directory):
         return None
-    steps = [int(name) for name in os.listdir(directory) if name.isdigit()
-             and os.path.isdir(os.path.join(directory, name, STATE_ITEM))
-             and os.path.isdir(os.path.join(directory, name, META_ITEM))]
+    steps = [int(name.rstrip("/")) for name in fs.listdir(directory) if name.rstrip("/").isdigit()
+             and fs.isdir(os.path.join(directory, name.rstrip("/"), STATE_ITEM))
+             and fs.isdir(os.path.join(directory, name.rstrip("/"), META_ITEM))]
     return max(steps) if steps else None
+
+
+class _LocalFiles:
+    """The few file operations this module needs, on local paths (tf.io.gfile's names)."""
+    exists, isdir, listdir = staticmethod(os.path.exists), staticmethod(os.path.isdir), staticmethod(os.listdir)
+
+    @staticmethod
+    def GFile(path: str, mode: str = "r"):  # noqa: N802 (tf.io.gfile's name)
+        return open(path, mode, encoding="utf-8")
+
+
+def _file_system(path: str) -> Any:
+    """tf.io.gfile for URLs (gs:// workdirs; TensorFlow imported only then), else plain os."""
+    if "://" in path:
+        import tensorflow as tf
+        return tf.io.gfile
+    return _LocalFiles
 
 
 def read_metrics(path: str) -> list[dict[str, Any]]:
     """The records of a metrics.jsonl; a half-written last line (a killed run) is ignored."""
-    if "://" in path:  # a gs:// workdir: TensorFlow's file systems (imported only then)
-        import tensorflow as tf
-        exists, opener = tf.io.gfile.exists, lambda p: tf.io.gfile.GFile(p, "r")
-    else:
-        exists, opener = os.path.exists, lambda p: open(p, encoding="utf-8")
-    if not exists(path):
+    fs = _file_system(path)
+    if not fs.exists(path):
         return []
     records = []
-    with opener(path) as f:
+    with fs.GFile(path, "r") as f:
         lines = f.read().splitlines()
     for number, line in enumerate(lines, 1):
         if not line.strip():

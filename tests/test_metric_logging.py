@@ -5,7 +5,7 @@ import tensorflow as tf
 
 from coyo_vit import metric_logging
 from coyo_vit.metric_logging import METRICS_FILE, MetricLogger
-from coyo_vit.sweep_summary import read_metrics
+from coyo_vit.sweep_summary import latest_checkpoint_step, read_metrics
 
 TORN = '{"step": 10, "train/loss": 3.0}\n{"step": 20, "train/loss": 2.5}\n{"step": 30, "train/lo'
 
@@ -31,3 +31,12 @@ def test_metrics_file_goes_through_tf_gfile():
     with tf.io.gfile.GFile(path, "a") as f:
         f.write('{"step": 30, "train/loss": 2.0}\n')
     assert [r["step"] for r in read_metrics(path)] == [10, 20, 30]
+
+
+def test_sweep_finds_complete_checkpoints_in_a_gfile_workdir():
+    # sweep --print_commands must see finished points of gs:// workdirs (it listed none before).
+    root = "ram://coyo_vit_sweep_point"
+    for step, items in ((10, ("state", "meta")), (20, ("state", "meta")), (30, ("state",))):
+        for item in items:
+            tf.io.gfile.makedirs(f"{root}/checkpoints/{step}/{item}")
+    assert latest_checkpoint_step(root) == 20  # 30 lacks its meta: still being written
