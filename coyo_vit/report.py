@@ -100,6 +100,21 @@ def infer_upstream(config: dict[str, Any]) -> tuple[str, str]:
     return "unknown", "init path"
 
 
+def infer_evaluated_upstream(checkpoint: str) -> tuple[str, str]:
+    """(upstream, how) of a checkpoint that evaluate.py evaluated with a config lacking `init`:
+    from the config.json of the workdir it came from, else keywords in its path."""
+    workdir_config = os.path.join(str(checkpoint), "config.json")
+    if os.path.isfile(workdir_config):
+        with open(workdir_config, encoding="utf-8") as f:
+            upstream, how = infer_upstream(json.load(f))
+        return upstream, f"checkpoint's {how}"
+    lowered = str(checkpoint).lower()
+    for keyword, upstream in (("jft", JFT), ("coyo", COYO)):
+        if keyword in lowered:
+            return upstream, "checkpoint path"
+    return "unknown", "checkpoint path"
+
+
 def _data_of(config: dict[str, Any]) -> str | None:
     if config.get("demo_data") is not None:
         return DEMO_UPSTREAM
@@ -113,10 +128,12 @@ def build_runs(paths: Sequence[str], upstreams: Sequence[str]) -> list[Run]:
                          f"got {len(upstreams)}: {list(upstreams)}")
     runs = []
     for i, path in enumerate(paths):
-        config, metrics, _ = load_run(path)
+        config, metrics, evaluated = load_run(path)
         if upstreams:
             upstream = published_results.canonical_upstream(upstreams[i if len(upstreams) > 1 else 0])
             how = "flag"
+        elif evaluated and not config.get("init"):  # evaluate.py's config rarely names the init
+            upstream, how = infer_evaluated_upstream(evaluated)
         else:
             upstream, how = infer_upstream(config)
         res, steps = config.get("image_size"), config.get("total_steps")

@@ -85,6 +85,26 @@ def test_differences_against_the_published_rows(tmp_path):
     assert rows[5][8:] == ["+0.78 / +0.06", "+0.38 / -0.09"]  # same model and res: same references
 
 
+def test_evaluated_checkpoints_without_init_in_the_config_get_their_upstream(tmp_path):
+    # evaluate.py runs with a fine-tuning config whose init is usually unset: the upstream comes
+    # from the evaluated checkpoint's workdir config (its init), else from the checkpoint's path.
+    model = {"variant": "L/16", "pool_type": "tok"}
+    finetuned = _write_workdir(tmp_path / "ft_run", {
+        "init": "gs://bucket/coyo_l16_pretrain", "image_size": 384, "total_steps": 100, "model": model},
+        [{"step": 100, "val/top1": 0.8}])
+    results = {}
+    for name, checkpoint in (("from_workdir", str(finetuned)), ("from_path", "/ckpt/jft_l16_ft")):
+        results[name] = tmp_path / f"{name}.json"
+        results[name].write_text(json.dumps({"checkpoint": checkpoint, "config": {
+            "init": None, "image_size": 384, "total_steps": 100, "model": model},
+            "results": {"val/top1": 0.87, "real/top1": 0.9}, "seconds": {}}))
+    result = _report(results["from_workdir"], results["from_path"])
+    assert result.returncode == 0, result.stderr
+    upstreams = {r[0]: r[2] for r in _table_rows(result.stdout) if r[0].startswith("ours")}
+    assert upstreams == {"ours: from_workdir.json": "COYO-Labeled-300M (checkpoint's init path)",
+                         "ours: from_path.json": "JFT-300M (checkpoint path)"}
+
+
 def test_bad_inputs_name_what_is_wrong(tmp_path):
     run = _write_workdir(tmp_path / "run", {"image_size": 32, "total_steps": 4, "model": {}},
                          [{"step": 4, "holdout/prec@1": 0.5}])
