@@ -87,13 +87,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
 
     # COYO shards also say why each skipped record was skipped (classification data: counts only).
     by_reason = getattr(data, "SkipCounter", None)
+    coyo_options = {}
     if by_reason is not None:
         restored_reasons = meta.get("skipped_by_reason") if latest is not None else None
         by_reason = by_reason(position, restored_reasons[process_index] if restored_reasons else None)
+        # A damaged file met before: the epoch is counted by reading, not from the headers.
+        coyo_options = dict(skip_counts=True,
+                            damage_seen=by_reason.totals().get("damaged_file", 0) > 0)
     train_data = data.build_train_dataset(
         config.input, batch_size=local_batch, seed=config.seed, process_index=process_index,
-        process_count=process_count, start_position=position,
-        **({"skip_counts": True} if by_reason is not None else {}))
+        process_count=process_count, start_position=position, **coyo_options)
     batches = DevicePrefetcher(train_data.as_numpy_iterator(), sharding.batch_sharding(mesh),
                                depth=config.get("device_prefetch", 2))
     train_step = make_train_step(model, tx, loss_fn, shardings, sharding.batch_sharding(mesh),

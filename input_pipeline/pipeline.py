@@ -93,13 +93,18 @@ class InputConfig:
 
 def build_train_dataset(input_config: Any, *, batch_size: int, seed: int, process_index: int = 0,
                         process_count: int = 1, start_position: int = 0,
-                        skip_counts: bool = False) -> tf.data.Dataset:
+                        skip_counts: bool = False, damage_seen: bool = False) -> tf.data.Dataset:
     """Endless batches {image f32 [b,H,W,3], labels f32 [b,C], _index int64 [b]} for this process.
 
     `_index` counts raw records of this process's stream, so max(_index) + 1 of the last batch a
     trainer consumed is the `start_position` that resumes right after it (skipped records just
     leave gaps). With `skip_counts`, batches also hold `_skipped` int64 [b, len(SKIP_REASONS)]:
     row i counts, per reason, the records skipped since `start_position` up to example i.
+    `damage_seen` (the resumed run counted `damaged_file` skips): a resume past the first epoch
+    then counts the epoch by reading every record, so a file with a bad checksum mid-file, whose
+    headers promise more records than can be read, still resumes exactly (without it the
+    headers are enough, and much cheaper to read). A process that has been through a whole epoch
+    has read each of its files, so its count of damaged files says whether this is needed.
     """
     cfg = InputConfig.from_config(input_config)
     if not cfg.pp_train:
@@ -124,7 +129,7 @@ def build_train_dataset(input_config: Any, *, batch_size: int, seed: int, proces
     base_seed = tf.constant([seed, process_index], tf.int64)
     process = _record_processor(pp_parser.parse(cfg.pp_train), "pp_train", _exclusion(cfg),
                                 cfg.strict, base_seed)
-    raw, start_epoch = _raw_train_stream(mine, base_seed, cfg, start_position)
+    raw, start_epoch = _raw_train_stream(mine, base_seed, cfg, start_position, damage_seen)
     ds = raw.map(process, num_parallel_calls=cfg.num_parallel_calls, deterministic=True)
     if not cfg.strict:
         ds = ds.ignore_errors()  # every failure already has a reason; this is only a safety net
@@ -249,7 +254,8 @@ def count_records(files: Any) -> int:
 
 
 def _raw_train_stream(mine: list[sources.FileSlice], base_seed: tf.Tensor, cfg: InputConfig,
-                      start_position: int) -> tuple[tf.data.Dataset, int]:
+                      start_position: int, read_payloads: bool = False
+                      ) -> tuple[tf.data.Dataset, int]:
     """Endless (index, raw record dict) stream from raw record `start_position`, and its first
     epoch. Raw records are `sources.read_file_records` dicts plus `_epoch`."""
     paths = tf.constant([s.path for s in mine])
@@ -271,12 +277,14 @@ def _raw_train_stream(mine: list[sources.FileSlice], base_seed: tf.Tensor, cfg: 
             maxval=None, dtype=tf.int64)
         return records.shuffle(cfg.shuffle_buffer, seed=epoch_shuffle_seed)
 
-    # Whole epochs are skipped arithmetically (one header count of this process's files); only
-    # the rest of the last epoch is read through, and it is never parsed or decoded. A damaged
-    # file counts as its good records plus one, as read_file_records yields it.
+    # Whole epochs are skipped arithmetically (one header count of this process's files, or one
+    # read of them with `read_payloads`); only the rest of the last epoch is read through, and it
+    # is never parsed or decoded. A damaged file counts as its good records plus one, as
+    # read_file_records yields it.
     start_epoch, skip = 0, start_position
     if start_position:
-        epoch_length = sources.count_records(mine, allow_damaged=not cfg.strict)
+        epoch_length = sources.count_records(mine, allow_damaged=not cfg.strict,
+                                             read_payloads=read_payloads)
         start_epoch, skip = divmod(start_position, epoch_length)
     ds = tf.data.Dataset.range(start_epoch, _INT64_MAX).flat_map(epoch_records)
     return ds.enumerate(start=start_position - skip).skip(skip), start_epoch

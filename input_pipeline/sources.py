@@ -184,15 +184,20 @@ def read_slice(path: tf.Tensor, start: tf.Tensor, take: tf.Tensor) -> tf.data.Da
     return read_file_records(path).skip(start).take(take)
 
 
-def count_file_records(path: str, allow_damaged: bool = False) -> int:
+def count_file_records(path: str, allow_damaged: bool = False, read_payloads: bool = False) -> int:
     """Number of records in one TFRecord file, from the length headers alone.
 
     Seeks over the payloads, so it reads far less than decoding the records would. A truncated
     file raises ValueError, unless `allow_damaged`: then the unreadable tail counts as one record,
     which is what `read_file_records` yields for it (the good records, then one damaged marker).
     Payload checksums are not read here, so a file with a bad checksum mid-file counts all its
-    records; `python -m input_pipeline.validate_shards` finds those.
+    records; `python -m input_pipeline.validate_shards` finds those. With `read_payloads` the
+    count is that of `read_file_records` itself (every byte read, checksums verified): exact for
+    such files too, at the cost of reading the whole file.
     """
+    if read_payloads:
+        records = read_file_records(tf.constant(path))
+        return int(records.reduce(tf.constant(0, tf.int64), lambda count, _: count + 1))
     size = tf.io.gfile.stat(path).length
     count, position = 0, 0
     with tf.io.gfile.GFile(path, "rb") as f:
@@ -214,12 +219,13 @@ def count_file_records(path: str, allow_damaged: bool = False) -> int:
     return count
 
 
-def count_records(files: Sequence[str | FileSlice], allow_damaged: bool = False) -> int:
+def count_records(files: Sequence[str | FileSlice], allow_damaged: bool = False,
+                  read_payloads: bool = False) -> int:
     """Total records in `files` (paths or FileSlices); see count_file_records."""
     total = 0
     for item in files:
         source = FileSlice(item) if isinstance(item, str) else item
-        n = count_file_records(source.path, allow_damaged)
+        n = count_file_records(source.path, allow_damaged, read_payloads)
         stop = n if source.stop is None else min(source.stop, n)
         total += max(0, stop - source.start)
     return total
