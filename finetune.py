@@ -1,4 +1,4 @@
-"""Fine-tune a pretrained ViT (ours, coyo-vit TensorFlow, vision_transformer or big_vision).
+r"""Fine-tune a pretrained ViT (ours, coyo-vit TensorFlow, vision_transformer or big_vision).
 
     python finetune.py --config configs/imagenet_finetune.py:variant=L/16,res=384 --workdir DIR \
         --config.init=/ckpt/coyo_l16 --config.input.data.manual_dir=/data/imagenet
@@ -12,9 +12,11 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # before anything imports TensorFlow
 
-from absl import app  # noqa: E402
+from absl import app, flags  # noqa: E402
 
 from coyo_vit import cli  # noqa: E402
+
+flags.adopt_module_key_flags(cli)  # --help lists --config, --workdir, ... (defined in cli.py)
 
 if __name__ == "__main__":
     app.run(lambda argv: cli.run(argv, require_init=True))

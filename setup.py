@@ -10,9 +10,10 @@ setup(
                                     "checkpoints", "checkpoints.*", "configs"]),
     package_data={"coyo_vit": ["data/*.tsv", "data/*.json"]},
     install_requires=[
-        # jax: lower bound for jax.make_array_from_process_local_data and the shardings API;
-        # no upper bound so GPU/TPU hosts can install the jax[cuda12|cuda13|tpu] they need.
-        "jax>=0.4.35",
+        # jax: lower bound for jax.set_mesh (exposed in 0.7.1), used by the train loop and
+        # evaluate.py; no upper bound so GPU/TPU hosts can install the jax[cuda12|cuda13|tpu]
+        # they need.
+        "jax>=0.7.1",
         "flax>=0.10.0",
         "optax>=0.2.5",
         "orbax-checkpoint>=0.11.0",

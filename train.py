@@ -1,4 +1,4 @@
-"""Pretrain a ViT on COYO-Labeled-300M shards (or the embedded demo data).
+r"""Pretrain a ViT on COYO-Labeled-300M shards (or the embedded demo data).
 
     python train.py --config configs/demo.py --workdir /tmp/demo
     python train.py --config configs/coyo_pretrain.py:variant=B/16 --workdir gs://bucket/run \
@@ -11,9 +11,11 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # before anything imports TensorFlow
 
-from absl import app  # noqa: E402
+from absl import app, flags  # noqa: E402
 
 from coyo_vit import cli  # noqa: E402
+
+flags.adopt_module_key_flags(cli)  # --help lists --config, --workdir, ... (defined in cli.py)
 
 if __name__ == "__main__":
     app.run(lambda argv: cli.run(argv, require_init=False))

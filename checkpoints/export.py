@@ -47,10 +47,17 @@ def export_npz(params: Mapping[str, Any], path: str | Path, layout: str = VIT_JA
 
 
 def write_npz_atomically(arrays: Mapping[str, np.ndarray], path: Path) -> None:
-    """np.savez to a temp file beside `path`, fsync, then rename over `path`."""
+    """np.savez to a temp file beside `path`, fsync, then rename over `path`.
+
+    The file gets the permissions a plain open() would give it (mkstemp's are owner-only, which
+    would leave a checkpoint meant for sharing unreadable to others).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as handle:
             np.savez(handle, **arrays)  # Converts each value as it writes it.
             handle.flush()

@@ -29,6 +29,9 @@ def run(argv: list[str], *, require_init: bool) -> None:
     if require_init and not config.get("init"):
         raise app.UsageError("Fine-tuning needs --config.init=PATH (a checkpoint to start from); "
                              "use train.py to train from scratch.")
-    runtime.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    try:
+        runtime.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    except ValueError as err:  # inconsistent multi-process flags: a usage error, not a crash
+        raise app.UsageError(str(err)) from None
     train_loop.run(config, _WORKDIR.value)
     logging.info("Finished; results in %s", _WORKDIR.value)

@@ -18,11 +18,16 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     nothing.
     """
     coordinator_address = coordinator_address or os.environ.get("COYO_VIT_COORDINATOR")
+    if not coordinator_address and (num_processes is not None or process_id is not None):
+        # Without this, N processes meant to be one run would each train alone as process 0.
+        raise ValueError("--num_processes/--process_id need --coordinator_address (or "
+                         "COYO_VIT_COORDINATOR=host:port): without a coordinator there is no "
+                         "multi-process run to join")
     if coordinator_address:
         if num_processes is None:
-            num_processes = int(os.environ["COYO_VIT_NUM_PROCESSES"])
+            num_processes = _int_from_env("COYO_VIT_NUM_PROCESSES", "--num_processes")
         if process_id is None:
-            process_id = int(os.environ["COYO_VIT_PROCESS_ID"])
+            process_id = _int_from_env("COYO_VIT_PROCESS_ID", "--process_id")
         if not 0 <= process_id < num_processes:
             raise ValueError(f"process_id {process_id} must be in [0, {num_processes}).")
         # CPU processes need a collectives backend for cross-process all-reduces (GPUs use NCCL).
@@ -37,6 +42,14 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     logging.getLogger("absl").addFilter(_quiet_orbax_info)
     logging.info("JAX %s: process %d of %d, devices %s", jax.__version__, jax.process_index(),
                  jax.process_count(), jax.devices())
+
+
+def _int_from_env(variable: str, flag: str) -> int:
+    value = os.environ.get(variable)
+    if value is None or not value.strip().lstrip("-").isdigit():
+        raise ValueError(f"a multi-process run (coordinator given) needs {flag} or {variable} as a "
+                         f"whole number; {variable} is {value!r}")
+    return int(value)
 
 
 def enable_compilation_cache(directory: str | None) -> None:

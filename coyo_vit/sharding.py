@@ -103,7 +103,26 @@ def check_batch_size(global_batch: int, mesh: Mesh, process_count: int) -> int:
                          f"devices (mesh {dict(mesh.shape)}).")
     if global_batch % process_count:
         raise ValueError(f"Batch size {global_batch} is not divisible by the {process_count} processes.")
-    return global_batch // process_count
+    local = global_batch // process_count
+    # Each process feeds `local` rows of its own data. That is only right if its devices hold
+    # exactly that many distinct rows of the batch: a non-batch axis (e.g. `model`) spanning
+    # processes would make partners that should share rows each feed their own, and JAX would
+    # silently assemble a smaller, inconsistent batch.
+    held = _rows_held(batch_sharding(mesh).addressable_devices_indices_map((global_batch,)).values(),
+                      global_batch)
+    if held != local:
+        raise ValueError(
+            f"The mesh {dict(mesh.shape)} gives this process's devices {held} of the {global_batch} "
+            f"batch rows, but each of the {process_count} processes feeds {local}: the data-parallel "
+            f"axes ({', '.join(BATCH_AXES)}) must split the batch evenly over the processes; keep "
+            f"the other axes (model) within each process's devices.")
+    return local
+
+
+def _rows_held(indices: Any, global_batch: int) -> int:
+    """Distinct batch rows covered by `addressable_devices_indices_map` values."""
+    rows = {tuple(index[0].indices(global_batch)) for index in indices}
+    return sum(len(range(*r)) for r in rows)
 
 
 def param_shardings(boxed_abstract_params: Any, mesh: Mesh, rules,

@@ -20,7 +20,8 @@ gcloud compute tpus tpu-vm scp "$archive" "$TPU_NAME":coyo_vit.tar.gz --zone "$Z
 rm -f "$archive"
 ssh_all "set -e; mkdir -p coyo_vit && tar -xzf coyo_vit.tar.gz -C coyo_vit; cd coyo_vit; \
   pip install -q -e . && pip install -q -U 'jax[tpu]'"
-extra=$(printf ' %q' "$@")
+extra=""  # printf of no arguments would give one empty-string argument, which train.py rejects
+(( $# )) && extra=$(printf ' %q' "$@")
 ssh_all "cd coyo_vit && COYO_VIT_DISTRIBUTED=auto nohup python train.py --config $CONFIG \
   --workdir $WORKDIR --config.input.data.files='$DATA'$extra > train.log 2>&1 &"
 echo "Started on every worker of $TPU_NAME; follow with:"

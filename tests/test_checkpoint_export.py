@@ -65,11 +65,24 @@ def test_orbax_export_load_gives_the_same_logits(fixture_model, tmp_path):
     np.testing.assert_allclose(_logits(reloaded, reloaded_kwargs, images), want, atol=TOL, rtol=0)
 
 
-def test_convert_cli_npz_to_orbax(tmp_path):
+def test_convert_cli_npz_to_orbax(tmp_path, capsys):
     assert convert_main([str(NPZ / "params.npz"), str(tmp_path / "ckpt"), "--to", "orbax"]) == 0
     params, kwargs = load(tmp_path / "ckpt")
     np.testing.assert_allclose(_logits(params, kwargs, np.load(NPZ / "input.npy")),
                                np.load(NPZ / "logits.npy"), atol=TOL, rtol=0)
+    # An existing destination is an error before anything is loaded; --overwrite replaces an .npz.
+    assert convert_main([str(NPZ / "params.npz"), str(tmp_path / "ckpt"), "--to", "orbax"]) == 1
+    assert "exists; choose a new directory" in capsys.readouterr().err
+    (tmp_path / "old.npz").write_bytes(b"old")
+    assert convert_main([str(NPZ / "params.npz"), str(tmp_path / "old.npz")]) == 1
+    assert "pass --overwrite" in capsys.readouterr().err
+    assert (tmp_path / "old.npz").read_bytes() == b"old"
+    assert convert_main([str(NPZ / "params.npz"), str(tmp_path / "old.npz"), "--overwrite"]) == 0
+    assert sorted(_read(tmp_path / "old.npz")) == sorted(_read(NPZ / "params.npz"))
+    # Readable by others as any plain write would be (mkstemp alone made it owner-only).
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "old.npz").stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_big_vision_layout_loop_and_scan_give_the_same_logits(fixture_model, tmp_path):

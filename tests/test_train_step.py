@@ -105,6 +105,13 @@ def test_mesh_and_batch_errors_name_the_numbers():
         sharding.make_mesh({"data": 4}, jax.devices()[:2])
     with pytest.raises(ValueError, match="Unknown mesh axes"):
         sharding.make_mesh({"tensor": 2})
+    # The `model` axis over two processes (simulated: these two devices as one process of two)
+    # would have each process feed its own rows to devices that must share them.
+    tensor_parallel = sharding.make_mesh({"data": 1, "model": 2}, jax.devices()[:2])
+    assert sharding.check_batch_size(8, tensor_parallel, 1) == 8
+    with pytest.raises(ValueError, match="devices 8 of the 8 batch rows, but each of the 2 "
+                                         "processes feeds 4"):
+        sharding.check_batch_size(8, tensor_parallel, 2)
 
 
 def test_schedule_shape_and_decay_mask():
