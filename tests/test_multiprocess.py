@@ -84,3 +84,33 @@ def test_two_process_preemption_and_exact_resume(tmp_path):
     got, want = restore_params(str(workdir))[0], restore_params(str(tmp_path / "reference"))[0]
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+
+
+def test_process_flags_without_a_coordinator_are_refused(monkeypatch):
+    # Otherwise N processes meant as one run each train alone as process 0 in the same workdir.
+    import pytest
+
+    from coyo_vit import runtime
+    monkeypatch.delenv("COYO_VIT_COORDINATOR", raising=False)
+    with pytest.raises(ValueError, match="need --coordinator_address"):
+        runtime.initialize(None, 4, 1)
+    monkeypatch.delenv("COYO_VIT_NUM_PROCESSES", raising=False)
+    with pytest.raises(ValueError, match="--num_processes or COYO_VIT_NUM_PROCESSES"):
+        runtime.initialize("localhost:1", None, 0)
+
+
+def test_tpu_pod_script_passes_no_empty_argument(tmp_path):
+    # scripts/tpu_pod.sh with gcloud stubbed: with no extra flags, train.py gets none (printf %q
+    # of nothing used to add '' , which train.py rejects on every worker); extra flags pass quoted.
+    (tmp_path / "gcloud").write_text('#!/bin/sh\nfor a; do echo "$a"; done >> "$GCLOUD_LOG"\n')
+    (tmp_path / "gcloud").chmod(0o755)
+    env = dict(os.environ, PATH=f"{tmp_path}:{os.environ['PATH']}", TPU_NAME="t", ZONE="z",
+               WORKDIR="gs://b/w", DATA="gs://b/*.tfrecord", GCLOUD_LOG=str(tmp_path / "log"))
+    for extra, want in (([], "--config.input.data.files='gs://b/*.tfrecord' >"),
+                        (["--config.seed=3"], "--config.input.data.files='gs://b/*.tfrecord' --config.seed=3 >")):
+        (tmp_path / "log").write_text("")
+        result = subprocess.run(["bash", str(REPO / "scripts" / "tpu_pod.sh"), "configs/demo.py", *extra],
+                                env=env, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        launch = [line for line in (tmp_path / "log").read_text().splitlines() if "train.py" in line]
+        assert len(launch) == 1 and want in launch[0], launch
