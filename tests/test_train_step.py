@@ -209,8 +209,20 @@ def test_tokens_padded_once_train_the_same_under_data_and_model_sharding():
 
 def test_gelu_recompute_and_fused_qkv_train_the_same_under_model_sharding():
     # The byte-saving block forms with the heads split over two devices ("model" axis): the
-    # stacked q/k/v kernel keeps each projection's head sharding; losses and parameters match the
-    # default model on one device.
+    # stacked q/k/v kernel keeps each projection's head sharding (no all-gather in the gradient
+    # step, as without fusing); losses and parameters match the default model on one device.
+    import re
+    model = Model(num_classes=50, **dict(TINY, fused_qkv=True))
+    mesh = sharding.make_mesh({"data": 1, "model": 2}, jax.devices()[:2])
+    tx = optimizer.make_optimizer(OPT, optimizer.make_schedule(SCHED, 10))
+    with nn.logical_axis_rules(sharding.DEFAULT_RULES):
+        abstract, shardings = state_shardings(model, tx, (16, 16, 3), mesh, sharding.DEFAULT_RULES)
+    loss = lambda p: model.apply({"params": p}, jnp.zeros((2, 16, 16, 3))).sum()
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
+        hlo = jax.jit(jax.grad(loss), in_shardings=(shardings.params,)).lower(
+            abstract.params).compile().as_text()
+    assert not re.findall(r"all-gather\(", hlo)
+
     ref, ref_hist = _run_steps(jax.devices()[:1], steps=2)
     got, hist = _run_steps(jax.devices()[:2], steps=2, mesh_axes={"data": 1, "model": 2},
                            model_kwargs=dict(TINY, gelu_recompute=True, fused_qkv=True))

@@ -90,11 +90,13 @@ class Attention(nn.Module):
             # A 2-D product with a 1-D bias along its minor axis: the form XLA's GEMM rewriter can
             # fold into a cuBLASLt bias epilogue (it does not take the [H, D/H] bias of the
             # unfused projections).
-            kernel = jnp.stack([p.kernel for p in (query, key, value)], axis=1)
-            bias = jnp.stack([p.bias for p in (query, key, value)]).reshape(-1)
+            # Heads outermost ([D, H, 3, D/H]): a head-sharded kernel stays sharded through the
+            # reshape; with q/k/v outermost, XLA would gather the whole kernel on every device.
+            kernel = jnp.stack([p.kernel for p in (query, key, value)], axis=2)
+            bias = jnp.stack([p.bias for p in (query, key, value)], axis=1).reshape(-1)
             qkv = inputs_q.astype(self.dtype) @ kernel.reshape(width, -1).astype(self.dtype)
-            qkv = (qkv + bias.astype(self.dtype)).reshape(*qkv.shape[:-1], 3, self.num_heads, head_dim)
-            query, key, value = (constrain(qkv[..., i, :, :], HEADS) for i in range(3))
+            qkv = (qkv + bias.astype(self.dtype)).reshape(*qkv.shape[:-1], self.num_heads, 3, head_dim)
+            query, key, value = (constrain(qkv[..., :, i, :], HEADS) for i in range(3))
         else:
             query, key, value = (constrain(p(x), HEADS) for p, x in (
                 (query, inputs_q), (key, inputs_kv), (value, inputs_kv)))
