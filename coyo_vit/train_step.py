@@ -97,8 +97,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
     whose gradients are averaged inside one compiled step, so one step is one global batch.
     Mixup (alpha > 0) mixes the global batch on device; the EMA (when kept) follows each update.
     With `skip_nonfinite`, a step whose loss or gradient norm is inf/nan keeps the parameters,
-    optimizer moments and EMA it started from (the step counts and the schedule still advance)
-    and reports `train/skipped_nonfinite` = 1. Done here rather than with optax.apply_if_finite,
+    optimizer state (moments and Adam's count) and EMA it started from, only the step and the
+    learning-rate schedule advance, and it reports `train/skipped_nonfinite` = 1. Done here rather than with optax.apply_if_finite,
     which gives up after a run of bad steps (applying the NaN update) and changes the
     optimizer state's layout, so checkpoints with and without it would not restore each other.
     """
@@ -141,12 +141,14 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                    "train/grad_norm": grad_norm}
         if skip_nonfinite:
             finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-            # Integer leaves are the optimizer's step counts: they advance, so the learning rate
-            # keeps following the global step (and train/lr stays the rate in use).
+            # Only the schedule's step count advances, so the learning rate keeps following the
+            # global step (train/lr stays the rate in use); Adam's own count stays with the
+            # moments it bias-corrects.
+            is_schedule = lambda x: isinstance(x, optax.ScaleByScheduleState)
             params, opt_state, ema_params = jax.tree.map(
-                lambda new, old: new if jnp.issubdtype(new.dtype, jnp.integer)
-                else jnp.where(finite, new, old),
-                (params, opt_state, ema_params), (state.params, state.opt_state, state.ema_params))
+                lambda new, old: new if is_schedule(new) else jnp.where(finite, new, old),
+                (params, opt_state, ema_params), (state.params, state.opt_state, state.ema_params),
+                is_leaf=is_schedule)
             metrics["train/skipped_nonfinite"] = jnp.logical_not(finite).astype(jnp.float32)
         metrics["train/param_norm"] = optax.tree_utils.tree_norm(params)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
