@@ -87,13 +87,22 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
 
     # COYO shards also say why each skipped record was skipped (classification data: counts only).
     by_reason = getattr(data, "SkipCounter", None)
-    coyo_options = {}
+    coyo_options: dict[str, Any] = {}
+    exact_epoch = 0  # this process's epoch length counted by reading its files (0: not needed)
     if by_reason is not None:
         restored_reasons = meta.get("skipped_by_reason") if latest is not None else None
         by_reason = by_reason(position, restored_reasons[process_index] if restored_reasons else None)
-        # A damaged file met before: the epoch is counted by reading, not from the headers.
-        coyo_options = dict(skip_counts=True,
-                            damage_seen=by_reason.totals().get("damaged_file", 0) > 0)
+        coyo_options = dict(skip_counts=True)
+        if by_reason.totals().get("damaged_file", 0) > 0:
+            # A damaged file met before: record headers may promise records that cannot be read
+            # (bad checksum), so the epoch is counted by reading, once; checkpoints keep the count.
+            exact_epoch = int((meta.get("epoch_lengths") or [0] * process_count)[process_index])
+            if not exact_epoch:
+                logging.info("Counting this process's epoch by reading its files (damage seen)")
+                exact_epoch = data.train_epoch_length(config.input, process_index=process_index,
+                                                      process_count=process_count,
+                                                      read_payloads=True)
+            coyo_options["epoch_length"] = exact_epoch
     train_data = data.build_train_dataset(
         config.input, batch_size=local_batch, seed=config.seed, process_index=process_index,
         process_count=process_count, start_position=position, **coyo_options)
@@ -161,7 +170,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
 
             if save:
                 meta = {"model": _model_kwargs(config), "step": step,
-                        "data_positions": _gather_ints(position), "skipped_records": _gather_ints(skipped)}
+                        "data_positions": _gather_ints(position), "skipped_records": _gather_ints(skipped),
+                        "epoch_lengths": _gather_ints(exact_epoch)}
                 if by_reason is not None:
                     counts = _gather_counts(by_reason.totals())
                     meta["skipped_by_reason"] = [{r: n[i] for r, n in counts.items()} for i in range(process_count)]

@@ -93,18 +93,18 @@ class InputConfig:
 
 def build_train_dataset(input_config: Any, *, batch_size: int, seed: int, process_index: int = 0,
                         process_count: int = 1, start_position: int = 0,
-                        skip_counts: bool = False, damage_seen: bool = False) -> tf.data.Dataset:
+                        skip_counts: bool = False, epoch_length: int | None = None
+                        ) -> tf.data.Dataset:
     """Endless batches {image f32 [b,H,W,3], labels f32 [b,C], _index int64 [b]} for this process.
 
     `_index` counts raw records of this process's stream, so max(_index) + 1 of the last batch a
     trainer consumed is the `start_position` that resumes right after it (skipped records just
     leave gaps). With `skip_counts`, batches also hold `_skipped` int64 [b, len(SKIP_REASONS)]:
     row i counts, per reason, the records skipped since `start_position` up to example i.
-    `damage_seen` (the resumed run counted `damaged_file` skips): a resume past the first epoch
-    then counts the epoch by reading every record, so a file with a bad checksum mid-file, whose
-    headers promise more records than can be read, still resumes exactly (without it the
-    headers are enough, and much cheaper to read). A process that has been through a whole epoch
-    has read each of its files, so its count of damaged files says whether this is needed.
+    `epoch_length`: raw records per epoch of this process, for resuming past the first epoch;
+    by default counted from the record headers, which is exact unless a file has a bad checksum
+    mid-file (its headers promise records that cannot be read). A trainer that has counted
+    `damaged_file` skips passes `train_epoch_length(..., read_payloads=True)` instead.
     """
     cfg = InputConfig.from_config(input_config)
     if not cfg.pp_train:
@@ -114,22 +114,14 @@ def build_train_dataset(input_config: Any, *, batch_size: int, seed: int, proces
     check_int(batch_size, "batch_size", 1)
     check_int(start_position, "start_position", 0)
     check_seed(seed)
-    check_process(process_index, process_count)
-    train_sources, _ = sources.split_holdout(sources.list_files(_files_spec(cfg)),
-                                             cfg.holdout_files, cfg.holdout_examples)
-    mine = train_sources[process_index::process_count]
-    if not mine:
-        raise ValueError(f"process_index={process_index} of process_count={process_count} gets no "
-                         f"training file: there are only {len(train_sources)} after the holdout; "
-                         f"use at most {len(train_sources)} processes or split the data into "
-                         f"more shards")
-    if not any(tf.io.gfile.stat(s.path).length > 0 for s in mine):
-        raise ValueError(f"all training files of process {process_index} are empty: {mine}")
+    if epoch_length is not None:
+        check_int(epoch_length, "epoch_length", 1)
+    mine = _training_sources(cfg, process_index, process_count)
 
     base_seed = tf.constant([seed, process_index], tf.int64)
     process = _record_processor(pp_parser.parse(cfg.pp_train), "pp_train", _exclusion(cfg),
                                 cfg.strict, base_seed)
-    raw, start_epoch = _raw_train_stream(mine, base_seed, cfg, start_position, damage_seen)
+    raw, start_epoch = _raw_train_stream(mine, base_seed, cfg, start_position, epoch_length)
     ds = raw.map(process, num_parallel_calls=cfg.num_parallel_calls, deterministic=True)
     if not cfg.strict:
         ds = ds.ignore_errors()  # every failure already has a reason; this is only a safety net
@@ -140,6 +132,36 @@ def build_train_dataset(input_config: Any, *, batch_size: int, seed: int, proces
     # Dropping bookkeeping keys once per batch, not per record, is measurably cheaper (~7-30%).
     ds = ds.map(lambda batch: {k: v for k, v in batch.items() if k not in dropped})
     return ds.prefetch(cfg.prefetch).with_options(dataset_options(cfg.ram_budget_gb))
+
+
+def train_epoch_length(input_config: Any, *, process_index: int = 0, process_count: int = 1,
+                       read_payloads: bool = False) -> int:
+    """Raw records in one epoch of this process's training stream (damage markers included).
+
+    From the record headers, or with `read_payloads` by reading every record as the stream does
+    (checksums verified): exact also for a file with a bad checksum mid-file, at the cost of
+    reading all of this process's data once.
+    """
+    cfg = InputConfig.from_config(input_config)
+    check_process(process_index, process_count)
+    return sources.count_records(_training_sources(cfg, process_index, process_count),
+                                 allow_damaged=not cfg.strict, read_payloads=read_payloads)
+
+
+def _training_sources(cfg: InputConfig, process_index: int, process_count: int
+                      ) -> list[sources.FileSlice]:
+    """This process's training files (round-robin after the holdout), with clear errors."""
+    train_sources, _ = sources.split_holdout(sources.list_files(_files_spec(cfg)),
+                                             cfg.holdout_files, cfg.holdout_examples)
+    mine = train_sources[process_index::process_count]
+    if not mine:
+        raise ValueError(f"process_index={process_index} of process_count={process_count} gets no "
+                         f"training file: there are only {len(train_sources)} after the holdout; "
+                         f"use at most {len(train_sources)} processes or split the data into "
+                         f"more shards")
+    if not any(tf.io.gfile.stat(s.path).length > 0 for s in mine):
+        raise ValueError(f"all training files of process {process_index} are empty: {mine}")
+    return mine
 
 
 def build_eval_dataset(input_config: Any, *, split: str = "holdout", batch_size: int,
@@ -254,7 +276,7 @@ def count_records(files: Any) -> int:
 
 
 def _raw_train_stream(mine: list[sources.FileSlice], base_seed: tf.Tensor, cfg: InputConfig,
-                      start_position: int, read_payloads: bool = False
+                      start_position: int, epoch_length: int | None = None
                       ) -> tuple[tf.data.Dataset, int]:
     """Endless (index, raw record dict) stream from raw record `start_position`, and its first
     epoch. Raw records are `sources.read_file_records` dicts plus `_epoch`."""
@@ -277,14 +299,14 @@ def _raw_train_stream(mine: list[sources.FileSlice], base_seed: tf.Tensor, cfg: 
             maxval=None, dtype=tf.int64)
         return records.shuffle(cfg.shuffle_buffer, seed=epoch_shuffle_seed)
 
-    # Whole epochs are skipped arithmetically (one header count of this process's files, or one
-    # read of them with `read_payloads`); only the rest of the last epoch is read through, and it
+    # Whole epochs are skipped arithmetically (one header count of this process's files, unless
+    # the caller knows the exact length); only the rest of the last epoch is read through, and it
     # is never parsed or decoded. A damaged file counts as its good records plus one, as
     # read_file_records yields it.
     start_epoch, skip = 0, start_position
     if start_position:
-        epoch_length = sources.count_records(mine, allow_damaged=not cfg.strict,
-                                             read_payloads=read_payloads)
+        if epoch_length is None:
+            epoch_length = sources.count_records(mine, allow_damaged=not cfg.strict)
         start_epoch, skip = divmod(start_position, epoch_length)
     ds = tf.data.Dataset.range(start_epoch, _INT64_MAX).flat_map(epoch_records)
     return ds.enumerate(start=start_position - skip).skip(skip), start_epoch

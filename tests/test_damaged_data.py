@@ -210,25 +210,28 @@ def test_resume_over_a_truncated_file_counts_it_like_the_stream(damaged):
     assert [int(b["_index"][0]) for b in batches] == [start, start + 1]
 
 
-def test_resume_over_a_bad_checksum_file_is_exact_once_its_damage_was_counted(damaged, tmp_path):
+def test_resume_over_a_bad_checksum_file_is_exact_with_the_epoch_counted_by_reading(damaged, tmp_path):
     # Its headers promise 5 records, the stream reads 2 and a damage marker. From the headers a
-    # resume epochs later lands on the wrong records; with damage_seen (what the trainer passes
-    # once it has counted a damaged_file skip) the epoch is counted by reading, and the resumed
-    # stream is the uninterrupted one.
+    # resume epochs later lands on the wrong records; with the epoch length counted by reading
+    # (what the trainer passes once it has counted a damaged_file skip) the resumed stream is the
+    # uninterrupted one.
     good = tmp_path / "good.tfrecord"
     good.write_bytes(Path(_write(tmp_path / "g.tfrecord", damaged["good"][30:40])).read_bytes())
     config = _config(f"{good},{damaged['files']['bad_checksum']}", cycle_length=2, shuffle_buffer=4)
     assert sources.count_file_records(damaged["files"]["bad_checksum"]) == 5
     assert sources.count_file_records(damaged["files"]["bad_checksum"], read_payloads=True) == 3
-    start, n = 13 * 3 + 5, 8  # three epochs of 13 raw records (10 + 2 + marker), 5 into the fourth
+    start, n = 44, 8  # several epochs in (each: the good file, 2 records and the marker)
     uninterrupted, _ = _train(config, 60)
     want = [(int(b["_index"][0]), _key_of(b)) for b in uninterrupted
             if int(b["_index"][0]) >= start][:n]
-    for damage_seen, exact in ((False, False), (True, True)):
+    n_good = len(damaged["good"][30:40])
+    assert pipeline.train_epoch_length(config) == n_good + 5  # the headers
+    assert pipeline.train_epoch_length(config, read_payloads=True) == n_good + 3  # what is read
+    for epoch_length, exact in ((None, False), (n_good + 3, True)):
         ds = pipeline.build_train_dataset(config, batch_size=1, seed=0, start_position=start,
-                                          damage_seen=damage_seen)
+                                          epoch_length=epoch_length)
         got = [(int(b["_index"][0]), _key_of(b)) for b in ds.take(n).as_numpy_iterator()]
-        assert (got == want) == exact, damage_seen
+        assert (got == want) == exact, epoch_length
 
 
 def test_eval_leaves_damaged_records_out_as_padding(damaged):
