@@ -99,7 +99,8 @@ def main(argv: list[str]) -> None:
     speed = {k: config_model[k] for k in SPEED_OPTIONS if k in config_model}
     model, params, shardings = load_sharded(_CHECKPOINT.value, config.image_size, mesh, rules,
                                             _VARIANT.value, speed)
-    logging.info("model from the checkpoint, with the config's speed options %s", speed)
+    logging.info("model from the checkpoint, with the config's speed options %s",
+                 {k: getattr(model, k) for k in SPEED_OPTIONS})
     results: dict[str, float] = {}
     seconds: dict[str, float] = {}
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):

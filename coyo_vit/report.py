@@ -102,12 +102,18 @@ def infer_upstream(config: dict[str, Any]) -> tuple[str, str]:
 
 def infer_evaluated_upstream(checkpoint: str) -> tuple[str, str]:
     """(upstream, how) of a checkpoint that evaluate.py evaluated with a config lacking `init`:
-    from the config.json of the workdir it came from, else keywords in its path."""
-    workdir_config = os.path.join(str(checkpoint), "config.json")
-    if os.path.isfile(workdir_config):
-        with open(workdir_config, encoding="utf-8") as f:
-            upstream, how = infer_upstream(json.load(f))
-        return upstream, f"checkpoint's {how}"
+    from the config.json of the workdir it came from (the checkpoint or a directory above it,
+    e.g. for WORKDIR/checkpoints/STEP), else keywords in its path."""
+    directory = os.path.abspath(str(checkpoint))
+    for _ in range(3):  # WORKDIR, WORKDIR/checkpoints, WORKDIR/checkpoints/STEP
+        workdir_config = os.path.join(directory, "config.json")
+        if os.path.isfile(workdir_config):
+            with open(workdir_config, encoding="utf-8") as f:
+                upstream, how = infer_upstream(json.load(f))
+            if upstream != "unknown":
+                return upstream, f"checkpoint's {how}"
+            break
+        directory = os.path.dirname(directory)
     lowered = str(checkpoint).lower()
     for keyword, upstream in (("jft", JFT), ("coyo", COYO)):
         if keyword in lowered:

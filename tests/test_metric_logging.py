@@ -20,6 +20,33 @@ def test_resume_drops_a_half_written_last_line_and_the_steps_past_the_checkpoint
                                                     {"step": 20, "train/loss": 2.4}]
 
 
+def test_metric_logger_writes_and_resumes_through_tf_gfile(monkeypatch):
+    # MetricLogger itself in a ram:// workdir (clu's TensorBoard writer, which cannot take ram://
+    # paths, replaced by a recorder): the jsonl part must not fall back to local open().
+    written = []
+
+    class Recorder:
+        def write_scalars(self, step, scalars):
+            written.append(step)
+
+        def flush(self):
+            pass
+
+        close = flush
+
+    monkeypatch.setattr(metric_logging.metric_writers, "create_default_writer",
+                        lambda *args, **kwargs: Recorder())
+    workdir = "ram://coyo_vit_metric_logger"
+    tf.io.gfile.makedirs(workdir)
+    with tf.io.gfile.GFile(f"{workdir}/{METRICS_FILE}", "w") as f:
+        f.write(TORN)
+    logger = MetricLogger(workdir, is_main=True, resume_step=20)
+    logger.write(30, {"train/loss": 2.0})
+    logger.close()
+    assert written == [30]
+    assert [r["step"] for r in read_metrics(f"{workdir}/{METRICS_FILE}")] == [10, 20, 30]
+
+
 def test_metrics_file_goes_through_tf_gfile():
     # TensorFlow's in-memory file system stands in for gs://: os.open would make a local
     # "ram:" directory instead (as it made "gs:" ones before).

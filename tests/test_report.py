@@ -93,7 +93,8 @@ def test_evaluated_checkpoints_without_init_in_the_config_get_their_upstream(tmp
         "init": "gs://bucket/coyo_l16_pretrain", "image_size": 384, "total_steps": 100, "model": model},
         [{"step": 100, "val/top1": 0.8}])
     results = {}
-    for name, checkpoint in (("from_workdir", str(finetuned)), ("from_path", "/ckpt/jft_l16_ft")):
+    for name, checkpoint in (("from_workdir", str(finetuned / "checkpoints" / "100")),
+                             ("from_path", "/ckpt/jft_l16_ft")):
         results[name] = tmp_path / f"{name}.json"
         results[name].write_text(json.dumps({"checkpoint": checkpoint, "config": {
             "init": None, "image_size": 384, "total_steps": 100, "model": model},
