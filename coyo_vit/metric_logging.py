@@ -2,8 +2,8 @@
 
 Only process 0 writes files; other processes log to their console only. On resume, lines of
 metrics.jsonl beyond the restored step (and a line a killed run left half-written) are dropped so
-the file reads as one uninterrupted run. Files go through tf.io.gfile, so a gs:// workdir gets
-its metrics.jsonl in the bucket like its checkpoints and TensorBoard logs.
+the file reads as one uninterrupted run. A gs:// workdir gets its metrics.jsonl in the bucket
+like its checkpoints and TensorBoard logs (coyo_vit.file_system).
 """
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ import os
 import time
 from collections.abc import Mapping
 
-import tensorflow as tf
 from clu import metric_writers
+
+from coyo_vit import file_system
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -31,7 +32,7 @@ class MetricLogger:
         if is_main:
             path = os.path.join(workdir, METRICS_FILE)
             _truncate_after(path, resume_step)
-            self._jsonl = tf.io.gfile.GFile(path, "a")
+            self._jsonl = file_system.for_path(path).GFile(path, "a")
 
     def write(self, step: int, scalars: Mapping[str, float]) -> None:
         scalars = {k: float(v) for k, v in scalars.items()}
@@ -56,10 +57,11 @@ def _truncate_after(path: str, step: int) -> None:
 
     A line that is not JSON can only be a write cut short by a kill: it is dropped, not fatal.
     """
-    if not tf.io.gfile.exists(path):
+    fs = file_system.for_path(path)
+    if not fs.exists(path):
         return
     kept = []
-    with tf.io.gfile.GFile(path, "r") as f:
+    with fs.GFile(path, "r") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -71,9 +73,9 @@ def _truncate_after(path: str, step: int) -> None:
             if record.get("step", 0) <= step:
                 kept.append(line if line.endswith("\n") else line + "\n")
     tmp = path + ".tmp"
-    with tf.io.gfile.GFile(tmp, "w") as f:
+    with fs.GFile(tmp, "w") as f:
         f.write("".join(kept))
-    tf.io.gfile.rename(tmp, path, overwrite=True)
+    fs.rename(tmp, path, overwrite=True)
 
 
 class Progress:

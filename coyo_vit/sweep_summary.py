@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from coyo_vit import file_system
+
 METRICS_FILE = "metrics.jsonl"
 # checkpoints.orbax_io's layout (WORKDIR/checkpoints/<step>/{state,meta}), spelled out here so the
 # sweep CLI does not import jax and orbax just to list directories; a test keeps them equal.
@@ -50,36 +52,20 @@ def latest_checkpoint_step(workdir: str) -> int | None:
     Complete = a `<step>/` directory holding both items; orbax writes a step under a temporary
     name and renames it when done, so a half-written step is never counted.
     """
-    fs = _file_system(workdir)
+    fs = file_system.for_path(workdir)
     directory = os.path.join(workdir, CHECKPOINT_SUBDIR)
     if not fs.isdir(directory):
         return None
-    steps = [int(name.rstrip("/")) for name in fs.listdir(directory) if name.rstrip("/").isdigit()
-             and fs.isdir(os.path.join(directory, name.rstrip("/"), STATE_ITEM))
-             and fs.isdir(os.path.join(directory, name.rstrip("/"), META_ITEM))]
+    names = [name.rstrip("/") for name in fs.listdir(directory)]  # gfile lists gs:// dirs as "N/"
+    steps = [int(name) for name in names if name.isdigit()
+             and fs.isdir(os.path.join(directory, name, STATE_ITEM))
+             and fs.isdir(os.path.join(directory, name, META_ITEM))]
     return max(steps) if steps else None
-
-
-class _LocalFiles:
-    """The few file operations this module needs, on local paths (tf.io.gfile's names)."""
-    exists, isdir, listdir = staticmethod(os.path.exists), staticmethod(os.path.isdir), staticmethod(os.listdir)
-
-    @staticmethod
-    def GFile(path: str, mode: str = "r"):  # noqa: N802 (tf.io.gfile's name)
-        return open(path, mode, encoding="utf-8")
-
-
-def _file_system(path: str) -> Any:
-    """tf.io.gfile for URLs (gs:// workdirs; TensorFlow imported only then), else plain os."""
-    if "://" in path:
-        import tensorflow as tf
-        return tf.io.gfile
-    return _LocalFiles
 
 
 def read_metrics(path: str) -> list[dict[str, Any]]:
     """The records of a metrics.jsonl; a half-written last line (a killed run) is ignored."""
-    fs = _file_system(path)
+    fs = file_system.for_path(path)
     if not fs.exists(path):
         return []
     records = []

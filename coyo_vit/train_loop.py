@@ -15,12 +15,11 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-import tensorflow as tf
 from flax import linen as nn
 from jax.experimental import multihost_utils
 
 from checkpoints.orbax_io import TrainCheckpointer
-from coyo_vit import data_setup, losses, optimizer, runtime, sharding
+from coyo_vit import data_setup, file_system, losses, optimizer, runtime, sharding
 from coyo_vit.device_prefetch import DevicePrefetcher
 from coyo_vit.evaluators.holdout import HoldoutEvaluator
 from coyo_vit.evaluators.registry import build_evaluators, is_due
@@ -34,11 +33,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     """Trains (or resumes training) per `config` in `workdir`; returns the final state."""
     process_index, process_count = jax.process_index(), jax.process_count()
     is_main = process_index == 0
-    tf.io.gfile.makedirs(workdir)  # gs:// too, like the checkpoints
+    files = file_system.for_path(workdir)  # gs:// too, like the checkpoints
+    files.makedirs(workdir)
     runtime.enable_compilation_cache(config.get("compilation_cache_dir"))
     data = data_setup.prepare_inputs(config, workdir)  # COYO shards or classification data
     if is_main:
-        with tf.io.gfile.GFile(os.path.join(workdir, "config.json"), "w") as f:
+        with files.GFile(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
 
     # Devices, mesh and batch split. Errors here name the numbers that do not divide.
