@@ -143,7 +143,6 @@ def train_epoch_length(input_config: Any, *, process_index: int = 0, process_cou
     reading all of this process's data once.
     """
     cfg = InputConfig.from_config(input_config)
-    check_process(process_index, process_count)
     return sources.count_records(_training_sources(cfg, process_index, process_count),
                                  allow_damaged=not cfg.strict, read_payloads=read_payloads)
 
@@ -151,6 +150,7 @@ def train_epoch_length(input_config: Any, *, process_index: int = 0, process_cou
 def _training_sources(cfg: InputConfig, process_index: int, process_count: int
                       ) -> list[sources.FileSlice]:
     """This process's training files (round-robin after the holdout), with clear errors."""
+    check_process(process_index, process_count)
     train_sources, _ = sources.split_holdout(sources.list_files(_files_spec(cfg)),
                                              cfg.holdout_files, cfg.holdout_examples)
     mine = train_sources[process_index::process_count]
