@@ -93,11 +93,7 @@ def infer_upstream(config: dict[str, Any]) -> tuple[str, str]:
             found = _data_of(json.load(f))
         if found:
             return found, "init config"
-    lowered = str(init).lower()
-    for keyword, upstream in (("jft", JFT), ("coyo", COYO)):
-        if keyword in lowered:
-            return upstream, "init path"
-    return "unknown", "init path"
+    return _upstream_named_in(init), "init path"
 
 
 def infer_evaluated_upstream(checkpoint: str) -> tuple[str, str]:
@@ -114,11 +110,14 @@ def infer_evaluated_upstream(checkpoint: str) -> tuple[str, str]:
                 return upstream, f"checkpoint's {how}"
             break
         directory = os.path.dirname(directory)
-    lowered = str(checkpoint).lower()
-    for keyword, upstream in (("jft", JFT), ("coyo", COYO)):
-        if keyword in lowered:
-            return upstream, "checkpoint path"
-    return "unknown", "checkpoint path"
+    return _upstream_named_in(checkpoint), "checkpoint path"
+
+
+def _upstream_named_in(path: str) -> str:
+    """JFT or COYO when the path names one (e.g. gs://bucket/coyo_l16_pretrain), else unknown."""
+    lowered = str(path).lower()
+    return next((upstream for keyword, upstream in (("jft", JFT), ("coyo", COYO))
+                 if keyword in lowered), "unknown")
 
 
 def _data_of(config: dict[str, Any]) -> str | None:
