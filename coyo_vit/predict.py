@@ -5,9 +5,9 @@
 PATH is anything `checkpoints.load` reads. Images are decoded with PIL and resized (aspect
 ratio not kept) to the resolution the position embedding was trained at exactly as the
 fine-tuning eval's `resize` op does it (bilinear with half-pixel centres, no antialiasing,
-rounded to whole pixel values), then scaled to [-1, 1]. Scores are sigmoid probabilities for 21,841-class
-(multi-label, COYO-pretrained) heads and softmax probabilities otherwise; class names come
-from the ImageNet-21k / 1k lists shipped in the package, chosen by the class count.
+rounded to whole pixel values), then scaled to [-1, 1]. Scores are sigmoid probabilities for
+21,841-class (multi-label, COYO-pretrained) heads and softmax probabilities otherwise; class
+names come from the ImageNet-21k / 1k lists shipped in the package, chosen by the class count.
 """
 from __future__ import annotations
 

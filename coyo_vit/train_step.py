@@ -98,9 +98,10 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
     Mixup (alpha > 0) mixes the global batch on device; the EMA (when kept) follows each update.
     With `skip_nonfinite`, a step whose loss or gradient norm is inf/nan keeps the parameters,
     optimizer state (moments and Adam's count) and EMA it started from, only the step and the
-    learning-rate schedule advance, and it reports `train/skipped_nonfinite` = 1. Done here rather than with optax.apply_if_finite,
-    which gives up after a run of bad steps (applying the NaN update) and changes the
-    optimizer state's layout, so checkpoints with and without it would not restore each other.
+    learning-rate schedule advance, and it reports `train/skipped_nonfinite` = 1. Done here
+    rather than with optax.apply_if_finite, which gives up after a run of bad steps (applying
+    the NaN update) and changes the optimizer state's layout, so checkpoints with and without it
+    would not restore each other.
     """
     def loss_and_metrics(params, images, labels, rng):
         logits = model.apply({"params": params}, images, train=True, rngs={"dropout": rng})

@@ -89,9 +89,9 @@ class Attention(nn.Module):
         if self.fused_qkv and inputs_q is inputs_kv:
             # A 2-D product with a 1-D bias along its minor axis: the form XLA's GEMM rewriter can
             # fold into a cuBLASLt bias epilogue (it does not take the [H, D/H] bias of the
-            # unfused projections).
-            # Heads outermost ([D, H, 3, D/H]): a head-sharded kernel stays sharded through the
-            # reshape; with q/k/v outermost, XLA would gather the whole kernel on every device.
+            # unfused projections). Heads outermost ([D, H, 3, D/H]): a head-sharded kernel stays
+            # sharded through the reshape; with q/k/v outermost, XLA gathers the whole kernel on
+            # every device.
             kernel = jnp.stack([p.kernel for p in (query, key, value)], axis=2)
             bias = jnp.stack([p.bias for p in (query, key, value)], axis=1).reshape(-1)
             qkv = inputs_q.astype(self.dtype) @ kernel.reshape(width, -1).astype(self.dtype)
