@@ -8,8 +8,9 @@ orbax step; a coyo-vit TensorFlow checkpoint; a vit_jax / big_vision .npz). The 
 from the checkpoint itself, but for the speed options of `config.model` (attention_impl,
 attention_pad_multiple, gelu_recompute, fused_qkv), which the config sets; its position
 embedding is resized to `config.image_size` when that differs. Every entry of `config.evals`
-runs (or those named by --evals), whatever its every_steps. The digits demo's folder is written if its root is unset. Results: one row per metric on stdout, and {"checkpoint", "config", "results":
-{metric: value}, "seconds": {evaluator: s}} in --output.
+runs (or those named by --evals), whatever its every_steps. The digits demo's folder is written
+if its root is unset. Results: one row per metric on stdout, and {"checkpoint", "config",
+"results": {metric: value}, "seconds": {evaluator: s}} in --output.
 """
 from __future__ import annotations
 
