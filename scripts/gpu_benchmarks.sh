@@ -19,11 +19,11 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_bench}
 BUDGET=${1:-540}
 [[ $BUDGET =~ ^[0-9]+$ ]] || { echo "BUDGET_SECONDS must be a whole number of seconds, got '$BUDGET'" >&2; exit 2; }
-ALL="b16_bf16_b256_auto b16_bf16_b256_gelu_recompute b16_bf16_b256_fused_qkv b16_bf16_b256_both
-  b16_bf16_b256_gelu_epilogue block_parts gemm_rewriter_dump b16_bf16_b512_auto l16_compile_unrolled
-  l16_compile_scan b16_bf16_b256_pad_once16 attention l16_bf16_b128_auto b16_bf16_b256_per_block b16_bf16_b256_xla
-  b16_bf16_b256_cublaslt b16_bf16_b256_cudnn_ln b16_bf16_b256_scan_dots l16_bf16_b128_xla
-  b16_bf16_b256_auto_xla_flags b16_bf16_b256_no_triton_gemm"
+ALL="b16_bf16_b256_auto b16_bf16_b256_both b16_bf16_b256_gelu_recompute b16_bf16_b256_fused_qkv
+  b16_bf16_b256_gelu_epilogue gemm_rewriter_dump l16_bf16_b128_both l16_bf16_b128_auto l16_compile_unrolled
+  l16_compile_scan b16_bf16_b512_both block_parts b16_bf16_b512_auto b16_bf16_b256_pad_once16 attention
+  b16_bf16_b256_per_block b16_bf16_b256_xla b16_bf16_b256_cublaslt b16_bf16_b256_cudnn_ln b16_bf16_b256_scan_dots
+  l16_bf16_b128_xla b16_bf16_b256_auto_xla_flags b16_bf16_b256_no_triton_gemm"
 shift || true
 (( $# == 0 )) && set -- $ALL  # everything, most important first
 for name in "$@"; do
@@ -67,7 +67,10 @@ run() {  # NAME: one named measurement (the names are the JSON files' names)
     # The block's byte-saving forms (Model.gelu_recompute, Model.fused_qkv), alone and together.
     b16_bf16_b256_gelu_recompute) bench "$1" $B16 --batch 256 --gelu_recompute ;;
     b16_bf16_b256_fused_qkv) bench "$1" $B16 --batch 256 --fused_qkv ;;
-    b16_bf16_b256_both) bench "$1" $B16 --batch 256 --gelu_recompute --fused_qkv ;;
+    b16_bf16_b256_both) bench "$1" $B16 --batch 256 --gelu_recompute --fused_qkv --profile_dir "$PROFILES/$1" \
+      --dump_hlo "$OUT/$1.hlo.txt" ;;
+    b16_bf16_b512_both) bench "$1" $B16 --batch 512 --gelu_recompute --fused_qkv ;;
+    l16_bf16_b128_both) bench "$1" $L16 --steps 5 --repeats 3 --gelu_recompute --fused_qkv ;;
     # Bias + GELU in the cuBLASLt epilogue: XLA's GELU matcher only sees the dot before Triton's
     # GEMM fusion takes it and before bf16 tanh is wrapped in float32 converts, and only when the
     # GELU's intermediates have one user each (the recomputing backward pass gives that).
