@@ -14,6 +14,7 @@ import optax
 from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding
 
+from coyo_vit import compiler_options as compiler_options_lib
 from coyo_vit import ema as ema_lib
 from coyo_vit import metrics as metrics_lib
 from coyo_vit import mixup as mixup_lib
@@ -157,13 +158,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
         return new_state, metrics
 
     rep = sharding_lib.replicated(batch_sharding.mesh)
-    # On XLA:CPU the step's compile time is mostly LLVM building one kernel per fusion (~400 for
-    # L/16 with scan). LLVM backend level 1 instead of 2 cut the L/16 compile by 0.3-0.45 CPU-s
-    # with scan, ~0.3 unrolled (5-9%), gave bitwise-identical params/opt state/metrics and an
-    # unchanged step time (the matmuls run in YNNPACK, not in LLVM code). Other backends keep
-    # their defaults.
-    platform = batch_sharding.mesh.devices.flat[0].platform
-    compiler_options = {"xla_backend_optimization_level": 1} if platform == "cpu" else None
+    compiler_options = compiler_options_lib.for_platform(batch_sharding.mesh.devices.flat[0].platform)
     return jax.jit(step, in_shardings=(shardings, batch_sharding), out_shardings=(shardings, rep),
                    donate_argnums=(0,), compiler_options=compiler_options)
 
@@ -179,4 +174,6 @@ def make_eval_step(model: nn.Module, loss_fn: Callable[[jax.Array, jax.Array], j
                 "count": mask.sum()}
 
     rep = sharding_lib.replicated(batch_sharding.mesh)
-    return jax.jit(step, in_shardings=(params_shardings, batch_sharding), out_shardings=rep)
+    compiler_options = compiler_options_lib.for_platform(batch_sharding.mesh.devices.flat[0].platform)
+    return jax.jit(step, in_shardings=(params_shardings, batch_sharding), out_shardings=rep,
+                   compiler_options=compiler_options)

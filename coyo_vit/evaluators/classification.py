@@ -28,7 +28,7 @@ import numpy as np
 from flax import linen as nn
 from jax.sharding import Mesh
 
-from coyo_vit import sharding
+from coyo_vit import compiler_options, sharding
 from coyo_vit.config_keys import require_known_keys
 from coyo_vit.device_prefetch import to_global
 from coyo_vit.evaluators import metric_math
@@ -101,7 +101,8 @@ class GatheredPass:
             return {**fn(params, batch), **{k: batch[k] for k in passthrough}}
 
         self._step = jax.jit(step, in_shardings=(params_shardings, self._batch_sharding),
-                             out_shardings=sharding.replicated(mesh))
+                             out_shardings=sharding.replicated(mesh),
+                             compiler_options=compiler_options.for_platform(mesh.devices.flat[0].platform))
 
     def run(self, params: Any, local_batches: Iterator[dict[str, np.ndarray]],
             host_extra: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None

@@ -1,0 +1,59 @@
+"""The train and eval steps' per-platform XLA options (coyo_vit/compiler_options.py)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from coyo_vit import compiler_options, losses, sharding
+from coyo_vit.models import Model
+from coyo_vit.train_step import make_eval_step
+from tests import test_train_step
+
+
+def test_options_per_platform_and_xla_flags_win():
+    assert compiler_options.for_platform("gpu", "") == {"xla_gpu_enable_triton_gemm": False}
+    assert compiler_options.for_platform("cpu", "") == {"xla_backend_optimization_level": 1}
+    assert compiler_options.for_platform("tpu", "") is None
+    # A flag in XLA_FLAGS, with or without a value, leaves ours out; other flags do not.
+    assert compiler_options.for_platform("gpu", "--xla_gpu_enable_triton_gemm=true") is None
+    assert compiler_options.for_platform("gpu", "--xla_dump_to=/tmp/x --xla_gpu_enable_triton_gemm") is None
+    assert compiler_options.for_platform("gpu", "--xla_dump_to=/tmp/x") == {"xla_gpu_enable_triton_gemm": False}
+    assert compiler_options.for_platform("cpu", "--xla_backend_optimization_level=3") is None
+
+
+def test_environment_is_read_when_no_flags_are_given(monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2 --xla_gpu_enable_triton_gemm=true")
+    assert compiler_options.for_platform("gpu") is None
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+    assert compiler_options.for_platform("gpu") == {"xla_gpu_enable_triton_gemm": False}
+
+
+@pytest.mark.parametrize("platform", ["cpu", "gpu", "cuda", "rocm"])
+def test_every_option_is_one_xla_knows(platform):
+    # XLA rejects a misspelt option ("No such compile option"); the GPU ones must be real names
+    # even though this CPU ignores them.
+    options = compiler_options.for_platform(platform, "")
+    square = jax.jit(lambda x: x @ x, compiler_options=options)
+    assert float(square(jnp.eye(2)).sum()) == 2.0
+    with pytest.raises(Exception, match="No such compile option"):
+        jax.jit(lambda x: x @ x, compiler_options={"xla_gpu_enable_trition_gemm": False})(jnp.eye(2))
+
+
+def test_train_and_eval_steps_are_compiled_with_them(monkeypatch, tmp_path):
+    # An option that leaves a trace on disk (an HLO dump) shows that each step gets the options.
+    model = Model(num_classes=50, **test_train_step.TINY)
+    mesh = sharding.make_mesh({"data": -1}, jax.devices()[:1])
+    batch_sharding = sharding.batch_sharding(mesh)
+    train_dump, eval_dump = tmp_path / "train", tmp_path / "eval"
+    monkeypatch.setitem(compiler_options._BY_PLATFORM, "cpu", {"xla_dump_to": str(train_dump)})
+    state, _ = test_train_step._run_steps(jax.devices()[:1], steps=1)
+    assert any("step" in p.name for p in train_dump.iterdir())
+
+    monkeypatch.setitem(compiler_options._BY_PLATFORM, "cpu", {"xla_dump_to": str(eval_dump)})
+    params_shardings = jax.tree.map(lambda _: sharding.replicated(mesh), state.params)
+    eval_step = make_eval_step(model, losses.get_loss("sigmoid_xent"), params_shardings, batch_sharding)
+    batch = {**test_train_step._batch(), "_mask": np.ones(8, bool)}
+    with jax.set_mesh(mesh):
+        sums = eval_step(state.params, batch)
+    assert float(sums["count"]) == 8
+    assert any("step" in p.name for p in eval_dump.iterdir())
