@@ -14,7 +14,8 @@ def model_speed_options() -> dict:
     return dict(
         attention_impl="auto",                    # auto (cuDNN on GPUs, else XLA), xla or cudnn
         attention_pad_multiple=config_dict.placeholder(int),  # None = the model's choice; 1 = never
-        gelu_recompute=False,                     # GELU backward recomputes tanh (less memory)
+        gelu_recompute=True,                      # GELU backward recomputes tanh: less memory, and on
+                                                  # GPUs bias + GELU fold into the GEMM
         fused_qkv=False,                          # one q/k/v product over the stacked kernels
     )
 

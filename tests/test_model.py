@@ -361,10 +361,11 @@ def test_padding_the_sequence_once_changes_no_output_or_gradient(pool_type, scan
 
 @pytest.mark.parametrize("scan, remat", [(False, "none"), (True, "none"), (False, "full")])
 def test_gelu_recompute_and_fused_qkv_keep_parameters_values_and_gradients(scan, remat):
-    # The two byte-saving forms of the block (off by default): same parameter tree, so the same
-    # checkpoints load, and the same loss and gradients, under scan and remat too.
+    # The two byte-saving forms of the block (gelu_recompute on by default, fused_qkv off), each
+    # against the plain form: same parameter tree, so the same checkpoints load, and the same
+    # loss and gradients, under scan and remat too.
     x = images()
-    plain = tiny(scan=scan, remat_policy=remat, attention_impl="xla")
+    plain = tiny(scan=scan, remat_policy=remat, attention_impl="xla", gelu_recompute=False)
     params = random_params(plain, x)
 
     def loss_and_grads(model):

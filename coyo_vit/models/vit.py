@@ -100,7 +100,7 @@ class MlpBlock(nn.Module):
     mlp_dim: int
     dropout: float = 0.0
     dtype: Any = jnp.float32
-    gelu_recompute: bool = False
+    gelu_recompute: bool = True
 
     @nn.compact
     def __call__(self, x: Array, deterministic: bool = True) -> Array:
@@ -147,7 +147,7 @@ class Encoder1DBlock(nn.Module):
     dtype: Any = jnp.float32
     attention_impl: str | None = None
     kv_length: int | None = None  # tokens from here on are padding that attention must ignore
-    gelu_recompute: bool = False
+    gelu_recompute: bool = True
     fused_qkv: bool = False
 
     @nn.compact
@@ -190,7 +190,7 @@ class Encoder(nn.Module):
     dtype: Any = jnp.float32
     attention_impl: str | None = None
     pad_multiple: int | None = None  # pad the tokens once to a multiple of this (see Model)
-    gelu_recompute: bool = False
+    gelu_recompute: bool = True
     fused_qkv: bool = False
 
     @nn.compact
@@ -322,12 +322,16 @@ class Model(nn.Module):
     # Dropout masks are drawn over the padded shape, so runs with dropout differ from unpadded ones
     # (by default: GPU runs from CPU runs, and from runs before the padding existed).
     attention_pad_multiple: int | None = None
-    # Two forms of the block that compute the same values and move fewer bytes, off until a GPU
-    # step measures them faster (docs/performance.md, section 3): the GELU's backward pass
-    # recomputes tanh from its input instead of keeping it (activations.py), and self-attention
-    # runs query, key and value as one product over their stacked kernels (attention.py).
-    # Parameters and checkpoints are the same either way.
-    gelu_recompute: bool = False
+    # Two forms of the block that compute the same values and move fewer bytes (parameters and
+    # checkpoints are the same either way; docs/performance.md, section 3, has the runs).
+    # gelu_recompute (on): the GELU's backward pass recomputes tanh from its input instead of
+    # keeping it (activations.py). H100, B/16 bf16 batch 256: device memory 19.5 -> 16.0 GiB, and
+    # with the GPU step's compiler options (coyo_vit/compiler_options.py) the GELU folds into the
+    # cuBLASLt epilogue: 76.3 -> 73.4 ms. On this project's CPU: 7.50 vs 8.83 GB of temporaries.
+    # fused_qkv (off): self-attention runs query, key and value as one product over their stacked
+    # kernels (attention.py); measured no faster on the H100 (76.2 vs 76.3 ms; 73.8 vs 73.4 ms
+    # with the epilogues), so off.
+    gelu_recompute: bool = True
     fused_qkv: bool = False
 
     def __post_init__(self) -> None:
