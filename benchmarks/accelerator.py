@@ -39,7 +39,7 @@ from benchmarks import device_trace
 from benchmarks import flops as flops_lib
 from benchmarks import report
 from configs import coyo_pretrain
-from coyo_vit import losses, optimizer, sharding
+from coyo_vit import compiler_options, losses, optimizer, sharding
 from coyo_vit.models import Model, count_params
 from coyo_vit.models.vit import ATTENTION_IMPLS, REMAT_POLICIES
 from coyo_vit.train_step import TrainState, init_state, make_train_step, state_shardings
@@ -62,7 +62,7 @@ class StepBench:
     remat_policy: str = "none"
     attention_impl: str = "auto"
     attention_pad_multiple: int | None = None  # None: the model's choice
-    gelu_recompute: bool = False  # Model.gelu_recompute: tanh recomputed in the backward pass
+    gelu_recompute: bool = True   # Model.gelu_recompute: tanh recomputed in the backward pass
     fused_qkv: bool = False       # Model.fused_qkv: one q/k/v product
     warmup: int = 3
     steps: int = 20
@@ -261,6 +261,8 @@ def run(cfg: StepBench, *, compile_only: bool = False, peak_flops_override: floa
         **dataclasses.asdict(cfg),
         "platform": device.platform, "device_kind": device.device_kind,
         "num_devices": jax.device_count(), "chip": chip, "peak_flops_per_chip": peak,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "compiler_options": compiler_options.for_platform(device.platform),
         "params": count_params(built.abstract.params),
         "forward_macs_per_image": flops_lib.forward_macs_per_image(shape),
         "model_flops_per_step": flops_per_step,
@@ -338,9 +340,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="pad the tokens once, before the blocks, to a multiple of this "
                              "(Model.attention_pad_multiple); 0 = the model's choice (2 where cuDNN "
                              "attention runs, else none); 1 = never (blocks pad for cuDNN themselves)")
-    parser.add_argument("--gelu_recompute", action="store_true",
-                        help="Model.gelu_recompute: the GELU's backward pass recomputes tanh from "
-                             "its input instead of keeping it (one tensor less per block)")
+    parser.add_argument("--gelu_recompute", action=argparse.BooleanOptionalAction, default=True,
+                        help="Model.gelu_recompute (the default): the GELU's backward pass "
+                             "recomputes tanh from its input instead of keeping it (one tensor less "
+                             "per block)")
     parser.add_argument("--fused_qkv", action="store_true",
                         help="Model.fused_qkv: query, key and value as one product over the stacked "
                              "kernels")
@@ -390,6 +393,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(f"device: {result['device_kind']} x{result['num_devices']} ({result['platform']}); "
           f"peak bf16 per chip: {report.format_value(result['peak_flops_per_chip'])} FLOP/s"
           f"{'' if result['chip'] else ' (not in the table: MFU n/a)'}")
+    print(f"step compiler options: {result['compiler_options']}; XLA_FLAGS: {result['xla_flags'] or 'unset'}")
     print(f"{cfg.variant} @ {cfg.image_size}px, {cfg.num_classes} classes: "
           f"{result['params']:,} params, {result['forward_macs_per_image'] / 1e9:.2f} GMACs forward "
           f"per image, {result['model_flops_per_step'] / 1e12:.3f} TFLOPs model FLOPs per step")

@@ -19,11 +19,10 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_bench}
 BUDGET=${1:-540}
 [[ $BUDGET =~ ^[0-9]+$ ]] || { echo "BUDGET_SECONDS must be a whole number of seconds, got '$BUDGET'" >&2; exit 2; }
-ALL="b16_bf16_b256_auto b16_bf16_b256_both b16_bf16_b256_gelu_recompute b16_bf16_b256_fused_qkv
-  b16_bf16_b256_gelu_epilogue gemm_rewriter_dump l16_bf16_b128_both l16_bf16_b128_auto l16_compile_unrolled
-  l16_compile_scan b16_bf16_b512_both block_parts b16_bf16_b512_auto b16_bf16_b256_pad_once16 attention
-  b16_bf16_b256_per_block b16_bf16_b256_xla b16_bf16_b256_cublaslt b16_bf16_b256_cudnn_ln b16_bf16_b256_scan_dots
-  l16_bf16_b128_xla b16_bf16_b256_auto_xla_flags b16_bf16_b256_no_triton_gemm"
+ALL="b16_bf16_b256_auto l16_bf16_b128_auto b16_bf16_b256_previous_default l16_bf16_b128_previous_default
+  b16_bf16_b512_auto l16_compile_unrolled l16_compile_scan b16_bf16_b256_no_gelu_recompute b16_bf16_b256_triton_gemm
+  b16_bf16_b256_fused_qkv gemm_rewriter_dump block_parts b16_bf16_b256_pad_once16 attention b16_bf16_b256_per_block
+  b16_bf16_b256_xla b16_bf16_b256_cudnn_ln b16_bf16_b256_scan_dots l16_bf16_b128_xla b16_bf16_b256_auto_xla_flags"
 shift || true
 (( $# == 0 )) && set -- $ALL  # everything, most important first
 for name in "$@"; do
@@ -62,28 +61,27 @@ run() {  # NAME: one named measurement (the names are the JSON files' names)
     block_parts) timed block_parts python3 -m benchmarks.block_parts --variant B/16 --batch 256 --out "$OUT/block_parts.json" ;;
     # The headline figure, then where its time goes (a 3-step trace summed by kernel, and the
     # optimized HLO that says what each fusion computes).
+    # The count of each cuBLASLt epilogue says whether the GELU and the biases went into the GEMMs.
     b16_bf16_b256_auto) bench "$1" $B16 --batch 256 --attention_impl auto --profile_dir "$PROFILES/$1" \
-      --dump_hlo "$OUT/$1.hlo.txt" ;;
-    # The block's byte-saving forms (Model.gelu_recompute, Model.fused_qkv), alone and together.
-    b16_bf16_b256_gelu_recompute) bench "$1" $B16 --batch 256 --gelu_recompute ;;
+      --dump_hlo "$OUT/$1.hlo.txt"
+      echo "cuBLASLt epilogues in the step: $(grep -o '"epilogue":"[A-Z_]*"' "$OUT/$1.hlo.txt" 2>/dev/null \
+        | sort | uniq -c | tr -s ' \n' ' ')" | tee -a "$OUT/gpu_benchmarks.log" ;;
+    # The defaults before run 5: Triton GEMM fusions (XLA's own choice) and the GELU keeping tanh.
+    b16_bf16_b256_previous_default) XLA_FLAGS="--xla_gpu_enable_triton_gemm=true" \
+      bench "$1" $B16 --batch 256 --no-gelu_recompute ;;
+    l16_bf16_b128_previous_default) XLA_FLAGS="--xla_gpu_enable_triton_gemm=true" \
+      bench "$1" $L16 --steps 5 --repeats 3 --no-gelu_recompute ;;
+    # One default undone at a time: the GELU keeping tanh (no BIAS_GELU_AUX epilogue), Triton GEMMs.
+    b16_bf16_b256_no_gelu_recompute) bench "$1" $B16 --batch 256 --no-gelu_recompute ;;
+    b16_bf16_b256_triton_gemm) XLA_FLAGS="--xla_gpu_enable_triton_gemm=true" bench "$1" $B16 --batch 256 ;;
     b16_bf16_b256_fused_qkv) bench "$1" $B16 --batch 256 --fused_qkv ;;
-    b16_bf16_b256_both) bench "$1" $B16 --batch 256 --gelu_recompute --fused_qkv --profile_dir "$PROFILES/$1" \
-      --dump_hlo "$OUT/$1.hlo.txt" ;;
-    b16_bf16_b512_both) bench "$1" $B16 --batch 512 --gelu_recompute --fused_qkv ;;
-    l16_bf16_b128_both) bench "$1" $L16 --steps 5 --repeats 3 --gelu_recompute --fused_qkv ;;
-    # Bias + GELU in the cuBLASLt epilogue: XLA's GELU matcher only sees the dot before Triton's
-    # GEMM fusion takes it and before bf16 tanh is wrapped in float32 converts, and only when the
-    # GELU's intermediates have one user each (the recomputing backward pass gives that).
-    b16_bf16_b256_gelu_epilogue) XLA_FLAGS="--xla_gpu_enable_triton_gemm=false --xla_gpu_enable_cublaslt=true" \
-      bench "$1" $B16 --batch 256 --gelu_recompute --dump_hlo "$OUT/$1.hlo.txt" ;;
-    # Why the GEMMs keep the DEFAULT epilogue: the HLO before and after each GEMM-related pass of
-    # a one-block B/16 step (small, compile only).
+    # Which GEMMs get which epilogue: the HLO before and after each GEMM-related pass of a
+    # one-block B/16 step (small, compile only).
     gemm_rewriter_dump) XLA_FLAGS="--xla_dump_to=$OUT/xla_dump --xla_dump_hlo_module_re=.*step.* --xla_dump_hlo_pass_re=gemm-fusion|cublas-gemm-rewriter|float-normalization.*|call-inliner" \
-      bench "$1" --variant B/16 --dtype bfloat16 --batch 8 --depth 1 --gelu_recompute --compile_only ;;
+      bench "$1" --variant B/16 --dtype bfloat16 --batch 8 --depth 1 --compile_only ;;
     # Padding inside each block (q/k/v to 198, sliced back) instead of the tokens once (default).
     b16_bf16_b256_per_block) bench "$1" $B16 --batch 256 --attention_pad_multiple 1 ;;
-    # One XLA flag at a time: cuBLASLt (bias/GELU epilogues fused into the GEMMs), cuDNN LayerNorm.
-    b16_bf16_b256_cublaslt) XLA_FLAGS="--xla_gpu_enable_cublaslt=true" bench "$1" $B16 --batch 256 ;;
+    # cuDNN's LayerNorm kernels.
     b16_bf16_b256_cudnn_ln) XLA_FLAGS="--xla_gpu_enable_cudnn_layer_norm=true" bench "$1" $B16 --batch 256 ;;
     b16_bf16_b256_pad_once16) bench "$1" $B16 --batch 256 --attention_pad_multiple 16 ;;
     b16_bf16_b256_xla) bench "$1" $B16 --batch 256 --attention_impl xla ;;
@@ -91,7 +89,6 @@ run() {  # NAME: one named measurement (the names are the JSON files' names)
     b16_bf16_b256_scan_dots) bench "$1" $B16 --batch 256 --scan --remat dots_with_no_batch_dims_saveable ;;
     b16_bf16_b256_auto_xla_flags) XLA_FLAGS="--xla_gpu_enable_cublaslt=true --xla_gpu_enable_cudnn_layer_norm=true --xla_gpu_experimental_enable_fusion_block_level_rewriter=true" \
       bench "$1" $B16 --batch 256 --attention_impl auto ;;
-    b16_bf16_b256_no_triton_gemm) XLA_FLAGS="--xla_gpu_enable_triton_gemm=false" bench "$1" $B16 --batch 256 --attention_impl xla ;;
     l16_compile_unrolled) bench "$1" $L16 --compile_only ;;
     l16_compile_scan) bench "$1" $L16 --compile_only --scan ;;
     l16_bf16_b128_auto) bench "$1" $L16 --steps 5 --repeats 3 --attention_impl auto ;;
