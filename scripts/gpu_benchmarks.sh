@@ -64,8 +64,8 @@ run() {  # NAME: one named measurement (the names are the JSON files' names)
     # The count of each cuBLASLt epilogue says whether the GELU and the biases went into the GEMMs.
     b16_bf16_b256_auto) bench "$1" $B16 --batch 256 --attention_impl auto --profile_dir "$PROFILES/$1" \
       --dump_hlo "$OUT/$1.hlo.txt"
-      echo "cuBLASLt epilogues in the step: $(grep -o '"epilogue":"[A-Z_]*"' "$OUT/$1.hlo.txt" 2>/dev/null \
-        | sort | uniq -c | tr -s ' \n' ' ')" | tee -a "$OUT/gpu_benchmarks.log" ;;
+      [[ -f $OUT/$1.hlo.txt ]] && echo "cuBLASLt epilogues in the step: $(grep -o '"epilogue":"[A-Z_]*"' \
+        "$OUT/$1.hlo.txt" | sort | uniq -c | tr -s ' \n' ' ')" | tee -a "$OUT/gpu_benchmarks.log" ;;
     # The defaults before run 5: Triton GEMM fusions (XLA's own choice) and the GELU keeping tanh.
     b16_bf16_b256_previous_default) XLA_FLAGS="--xla_gpu_enable_triton_gemm=true" \
       bench "$1" $B16 --batch 256 --no-gelu_recompute ;;

@@ -8,7 +8,7 @@ from flax import linen as nn
 
 from coyo_vit import losses, optimizer, sharding
 from coyo_vit.models import Model
-from coyo_vit.train_step import init_state, make_train_step, state_shardings
+from coyo_vit.train_step import init_state, make_eval_step, make_train_step, state_shardings
 
 TINY = dict(patch_size=8, width=32, depth=2, mlp_dim=64, num_heads=4, pool_type="tok", rep_size=16,
             head_bias_init=-10.0)
@@ -167,8 +167,9 @@ def test_regex_param_rules_fsdp_auto_and_explicit_placements():
 
 
 def test_cpu_compile_options_keep_results_bitwise():
-    """The step's CPU-only LLVM level 1 (faster compiles) must not change a single bit: compare
-    three steps against the same program compiled at XLA's default level 2, scanned and unrolled."""
+    """The steps' CPU-only LLVM level 1 (faster compiles) must not change a single bit: compare
+    three train steps and an eval step against the same programs compiled at XLA's default level
+    2, scanned and unrolled."""
     schedule = optimizer.make_schedule(SCHED, 10)
     tx = optimizer.make_optimizer(OPT, schedule)
     mesh = sharding.make_mesh({"data": -1}, jax.devices()[:1])
@@ -188,7 +189,12 @@ def test_cpu_compile_options_keep_results_bitwise():
                 compiled = step.lower(state, batches[0]).compile(compiler_options=options)
                 for batch in batches:
                     state, metrics = compiled(state, batch)
-            results.append(jax.device_get((state.params, state.opt_state, metrics)))
+                eval_step = make_eval_step(model, losses.get_loss("sigmoid_xent"), shardings.params,
+                                           sharding.batch_sharding(mesh))
+                eval_batch = {**batches[0], "_mask": jnp.ones(8, bool)}
+                sums = eval_step.lower(state.params, eval_batch).compile(compiler_options=options)(
+                    state.params, eval_batch)
+            results.append(jax.device_get((state.params, state.opt_state, metrics, sums)))
         for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
             np.testing.assert_array_equal(a, b)
 

@@ -7,7 +7,7 @@ tanh in the backward pass: per MLP one [tokens, mlp_dim] tensor less written by 
 and read by the backward pass, and a GELU whose intermediates have one user each, the form
 XLA's GEMM rewriter folds into a cuBLASLt epilogue with the bias. On an H100 that fold (with
 Triton's GEMM fusion off, coyo_vit/compiler_options.py) is where the time comes from: B/16 bf16
-batch 256, 76.3 -> 73.4 ms; the recompute alone, with the bias add left outside the GEMM, saved
+batch 256, 76.5 -> 73.4 ms; the recompute alone, with the bias add left outside the GEMM, saved
 memory (19.5 -> 16.0 GiB) but no time (docs/performance.md, section 3).
 """
 from __future__ import annotations

@@ -327,7 +327,7 @@ class Model(nn.Module):
     # gelu_recompute (on): the GELU's backward pass recomputes tanh from its input instead of
     # keeping it (activations.py). H100, B/16 bf16 batch 256: device memory 19.5 -> 16.0 GiB, and
     # with the GPU step's compiler options (coyo_vit/compiler_options.py) the GELU folds into the
-    # cuBLASLt epilogue: 76.3 -> 73.4 ms. On this project's CPU: 7.50 vs 8.83 GB of temporaries.
+    # cuBLASLt epilogue: 76.5 -> 73.4 ms. On this project's CPU: 7.50 vs 8.83 GB of temporaries.
     # fused_qkv (off): self-attention runs query, key and value as one product over their stacked
     # kernels (attention.py); measured no faster on the H100 (76.2 vs 76.3 ms; 73.8 vs 73.4 ms
     # with the epilogues), so off.
