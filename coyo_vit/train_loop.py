@@ -19,7 +19,7 @@ from flax import linen as nn
 from jax.experimental import multihost_utils
 
 from checkpoints.orbax_io import TrainCheckpointer
-from coyo_vit import data_setup, file_system, losses, optimizer, runtime, sharding
+from coyo_vit import compiler_options, data_setup, file_system, losses, optimizer, runtime, sharding
 from coyo_vit.device_prefetch import DevicePrefetcher
 from coyo_vit.evaluators.holdout import HoldoutEvaluator
 from coyo_vit.evaluators.registry import build_evaluators, is_due
@@ -112,6 +112,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
                                  schedule, grad_accum_steps=accum, ema_decay=config.get("ema_decay"),
                                  mixup_alpha=config.get("mixup_alpha", 0.0),
                                  skip_nonfinite=skip_nonfinite)
+    logging.info("Steps compiled with XLA options %s (coyo_vit/compiler_options.py; XLA_FLAGS: %s)",
+                 compiler_options.for_platform(mesh.devices.flat[0].platform),
+                 os.environ.get("XLA_FLAGS") or "unset")
     evaluators = make_evaluators(config, model=model, mesh=mesh, params_shardings=shardings.params,
                                  loss_fn=loss_fn)
     logger = MetricLogger(workdir, is_main=is_main, resume_step=first_step)
