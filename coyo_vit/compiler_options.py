@@ -10,6 +10,8 @@ import os
 import shlex
 from collections.abc import Mapping
 
+from jax.sharding import Mesh
+
 # CPU: XLA:CPU's compile time is mostly LLVM building one kernel per fusion (~400 for L/16 with
 # scan). LLVM backend level 1 instead of 2 cut the L/16 compile by 5-9% (0.3-0.45 CPU-s) and gave
 # bitwise-identical params, optimizer state and metrics with an unchanged step time (the matmuls
@@ -61,3 +63,8 @@ def for_platform(platform: str, xla_flags: str | None = None) -> dict[str, objec
     options = {name: value for name, value in _BY_PLATFORM.get(platform, {}).items()
                if name not in set_by_user}
     return options or None
+
+
+def for_mesh(mesh: Mesh) -> dict[str, object] | None:
+    """`for_platform` of the devices a step runs on (a mesh holds devices of one platform)."""
+    return for_platform(mesh.devices.flat[0].platform)

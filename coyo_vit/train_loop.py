@@ -113,7 +113,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
                                  mixup_alpha=config.get("mixup_alpha", 0.0),
                                  skip_nonfinite=skip_nonfinite)
     logging.info("Steps compiled with XLA options %s (coyo_vit/compiler_options.py; XLA_FLAGS: %s)",
-                 compiler_options.for_platform(mesh.devices.flat[0].platform),
+                 compiler_options.for_mesh(mesh),
                  os.environ.get("XLA_FLAGS") or "unset")
     evaluators = make_evaluators(config, model=model, mesh=mesh, params_shardings=shardings.params,
                                  loss_fn=loss_fn)

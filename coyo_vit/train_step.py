@@ -158,7 +158,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
         return new_state, metrics
 
     rep = sharding_lib.replicated(batch_sharding.mesh)
-    compiler_options = compiler_options_lib.for_platform(batch_sharding.mesh.devices.flat[0].platform)
+    compiler_options = compiler_options_lib.for_mesh(batch_sharding.mesh)
     return jax.jit(step, in_shardings=(shardings, batch_sharding), out_shardings=(shardings, rep),
                    donate_argnums=(0,), compiler_options=compiler_options)
 
@@ -174,6 +174,6 @@ def make_eval_step(model: nn.Module, loss_fn: Callable[[jax.Array, jax.Array], j
                 "count": mask.sum()}
 
     rep = sharding_lib.replicated(batch_sharding.mesh)
-    compiler_options = compiler_options_lib.for_platform(batch_sharding.mesh.devices.flat[0].platform)
+    compiler_options = compiler_options_lib.for_mesh(batch_sharding.mesh)
     return jax.jit(step, in_shardings=(params_shardings, batch_sharding), out_shardings=rep,
                    compiler_options=compiler_options)

@@ -102,7 +102,7 @@ class GatheredPass:
 
         self._step = jax.jit(step, in_shardings=(params_shardings, self._batch_sharding),
                              out_shardings=sharding.replicated(mesh),
-                             compiler_options=compiler_options.for_platform(mesh.devices.flat[0].platform))
+                             compiler_options=compiler_options.for_mesh(mesh))
 
     def run(self, params: Any, local_batches: Iterator[dict[str, np.ndarray]],
             host_extra: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None
