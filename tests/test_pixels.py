@@ -59,13 +59,22 @@ def test_mixup_of_uint8_mixes_in_the_float_range_without_rounding():
     assert not np.allclose(np.asarray(mixed_u8) * 127.5, np.round(np.asarray(mixed_u8) * 127.5))
 
 
-def test_uint8_bilinear_resize_rounds_to_nearest():
+def test_uint8_resize_rounds_the_exact_uint8_resize_to_nearest():
+    """resize_uint8 casts to float32 before resizing (faster); the result must be the rounded
+    output of TF's own uint8 kernels, bit for bit, down- and upscaling, with and without
+    antialiasing."""
     image = tf.constant(np.random.default_rng(2).integers(0, 256, (37, 23, 3)), tf.uint8)
-    for method in ("bilinear", "area", "bicubic"):
-        exact = tf.image.resize(image, (16, 11), method=method).numpy()
-        got = ops_image.resize_uint8(image, (16, 11), method).numpy()
-        assert got.dtype == np.uint8
-        np.testing.assert_array_equal(got, np.clip(np.floor(exact + 0.5), 0, 255))
+    for size in ((16, 11), (50, 41)):
+        for method, antialias in (("bilinear", False), ("bilinear", True), ("area", False),
+                                  ("bicubic", False), ("lanczos3", True)):
+            exact = tf.image.resize(image, size, method=method, antialias=antialias).numpy()
+            got = ops_image.resize_uint8(image, size, method, antialias).numpy()
+            assert got.dtype == np.uint8
+            if method in ("bilinear", "area"):  # convex: +0.5 and truncate
+                want = np.floor(exact + 0.5)
+            else:  # may overshoot: rounded half to even, then saturated
+                want = np.clip(np.round(exact), 0, 255)
+            np.testing.assert_array_equal(got, want, err_msg=f"{method} {antialias} {size}")
     nearest = ops_image.resize_uint8(image, (16, 11), "nearest")
     assert nearest.dtype == tf.uint8
     np.testing.assert_array_equal(nearest, tf.image.resize(image, (16, 11), method="nearest"))
