@@ -320,3 +320,28 @@ def test_fixture_has_the_cases_it_claims(damaged):
     for name, fine, _, _ in RECORD_CASES:
         records = _records(Path(damaged["files"][name]))
         assert [validate_shards.check_record(r) for r in records] == [None, fine, None]
+
+
+# ------------------------------------------------------------------ the in-graph checks alone
+
+
+def test_in_graph_image_check_agrees_with_the_python_one():
+    real_jpeg = _records(SHARDS / "00000.tfrecord")[0]
+    real_jpeg = tf.train.Example.FromString(real_jpeg).features.feature["jpg"].bytes_list.value[0]
+    cases = [real_jpeg, b"\xff\xd8\xff", b"\xff\xd8", b"\x89PNG\r\n\x1a\n....", b"\x89PNG\r\n\x1a",
+             b"GIF87a", b"GIF9", b"BM\x00\x00", b"B", b"RIFF\x00\x00\x00\x00WEBPVP8 ",
+             b"RIFF\x00\x00\x00\x00WEBX", b"RIFF\x00\x00\x00\x00WEB", b"", b"\x00" * 20,
+             b"<html>404</html>", b"xx\xff\xd8\xff"]
+    for data in cases:
+        want = damage.image_format(data) is not None
+        assert bool(damage.looks_like_image(tf.constant(data))) == want, data[:16]
+    assert sum(damage.image_format(d) is not None for d in cases) == 6  # both answers occur
+
+
+def test_first_reason_is_the_first_condition_that_holds():
+    yes, no = tf.constant(True), tf.constant(False)
+    cases = [([(no, "no_image"), (yes, "not_an_image"), (yes, "damaged_file")], "not_an_image"),
+             ([(yes, "no_labels"), (yes, "damaged_file")], "no_labels"),
+             ([(no, "no_image"), (no, "excluded")], None), ([], None)]
+    for conditions, want in cases:
+        assert int(damage.first_reason(conditions)) == (damage.code(want) if want else 0)
