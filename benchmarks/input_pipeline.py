@@ -2,6 +2,7 @@
 
     python -m benchmarks.input_pipeline --out /tmp/input_pipeline.json
     python -m benchmarks.input_pipeline --shards '/data/coyo/0000*.tfrecord' --repeat 1
+    git worktree add /tmp/base HEAD~3 && python -m benchmarks.input_pipeline --baseline /tmp/base
 
 The shards (default: the real img2dataset fixture, 145 images, linked `--repeat` times into a
 temporary directory so one pass is long enough to time) go through, in each round:
@@ -15,6 +16,11 @@ temporary directory so one pass is long enough to time) go through, in each roun
   * `eval`: input_pipeline.build_eval_dataset with the recipe's pp_eval (resize-small 256,
     central crop 224) over one pass of the same records.
 
+With `--baseline DIR` (another checkout of this repository), `train` and `eval` are also built
+from that checkout's `input_pipeline` and `configs` packages, in the same process and rounds (the
+two alternate their order), and the per-round ratios this tree / baseline are reported: on a
+shared machine, rates of separate runs drift by several percent, paired rounds much less.
+
 All of them run on the same `--threads` (tf.data private thread pool, intra-op parallelism 1).
 Per core means records per CPU-second of this process (time.process_time over all its
 threads), which other processes' load barely changes, unlike wall-clock rates; wall-clock
@@ -26,8 +32,10 @@ each batch to numpy as the train loop does.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -43,6 +51,49 @@ from benchmarks import report
 
 FIXTURE_SHARDS = (Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "coyo_shards"
                   / "shards" / "*.tfrecord")
+
+
+_PIPELINE_PACKAGES = ("input_pipeline", "configs")
+
+
+class Checkout:
+    """The pipeline packages (`input_pipeline`, `configs`) of one source tree, importable side by
+    side with this one's. Inside `with checkout.active():` imports of those packages resolve to
+    the tree's copy; datasets built there keep working after the block (a built tf.data graph no
+    longer needs the Python modules). root None is this tree."""
+
+    def __init__(self, root: str | None):
+        self.root = None if root is None else os.path.abspath(root)
+        if self.root is not None and not os.path.isfile(
+                os.path.join(self.root, "input_pipeline", "pipeline.py")):
+            raise SystemExit(f"--baseline {root!r} is not a checkout of this repository (no "
+                             f"input_pipeline/pipeline.py); make one with `git worktree add DIR "
+                             f"COMMIT`")
+        self._modules: dict[str, Any] = {}
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        if self.root is None:
+            yield
+            return
+        ours = _pop_pipeline_modules()
+        sys.modules.update(self._modules)
+        sys.path.insert(0, self.root)
+        try:
+            yield
+            from input_pipeline import pipeline
+            if not os.path.abspath(pipeline.__file__).startswith(self.root + os.sep):
+                raise SystemExit(f"--baseline: input_pipeline was imported from "
+                                 f"{pipeline.__file__}, not from {self.root}")
+        finally:
+            sys.path.remove(self.root)
+            self._modules = _pop_pipeline_modules()
+            sys.modules.update(ours)
+
+
+def _pop_pipeline_modules() -> dict[str, Any]:
+    names = [n for n in sys.modules if n.split(".")[0] in _PIPELINE_PACKAGES]
+    return {n: sys.modules.pop(n) for n in names}
 
 
 def configure_threads(threads: int) -> None:
@@ -143,22 +194,32 @@ def time_batches(batches: Iterator[dict[str, np.ndarray] | np.ndarray], num_batc
             "records_per_cpu_s": records / cpu_seconds if cpu_seconds > 0 else float("nan")}
 
 
-def measure_round(files: list[str], args: argparse.Namespace, num_records: int) -> dict[str, dict]:
-    """One timing of each pipeline over about one pass of the (repeated) records."""
-    from input_pipeline import pipeline
-
+def measure_round(files: list[str], args: argparse.Namespace, num_records: int, round_index: int = 0,
+                  baseline: Checkout | None = None) -> dict[str, dict]:
+    """One timing of each pipeline over about one pass of the (repeated) records. With a
+    baseline, `train@baseline` and `eval@baseline` are timed next to `train` and `eval`, first
+    in odd rounds and second in even ones."""
     options = thread_options(args.threads)
     passes = max(num_records // args.batch - 1, 1)  # batches after the untimed first one
+    ours = Checkout(None)
     out: dict[str, dict] = {}
 
     ds = decode_dataset(files, args.batch, args.cycle_length).with_options(options)
     out["decode"] = time_batches(ds.as_numpy_iterator(), passes, len)
 
-    variants = [("train", False)] + ([("train_full_decode", True)] if args.compare_full_decode else [])
-    for name, full in variants:
-        config = recipe_input_config(files, image_size=args.image_size, shuffle_buffer=args.shuffle_buffer,
-                                     cycle_length=args.cycle_length, full_decode=full)
-        ds = pipeline.build_train_dataset(config, batch_size=args.batch, seed=0).with_options(options)
+    def pair(name: str) -> list[tuple[str, Checkout]]:
+        both = [(name, ours)] + ([(f"{name}@baseline", baseline)] if baseline else [])
+        return both if round_index % 2 == 0 else both[::-1]
+
+    variants = pair("train") + ([("train_full_decode", ours)] if args.compare_full_decode else [])
+    for name, checkout in variants:
+        with checkout.active():
+            from input_pipeline import pipeline
+            config = recipe_input_config(files, image_size=args.image_size,
+                                         shuffle_buffer=args.shuffle_buffer,
+                                         cycle_length=args.cycle_length,
+                                         full_decode=name == "train_full_decode")
+            ds = pipeline.build_train_dataset(config, batch_size=args.batch, seed=0)
         last_index = [-1]
 
         def consumed(batch: dict[str, np.ndarray], last=last_index) -> int:
@@ -166,16 +227,20 @@ def measure_round(files: list[str], args: argparse.Namespace, num_records: int) 
             n, last[0] = top - last[0], top
             return n
 
-        iterator = ds.as_numpy_iterator()
+        iterator = ds.with_options(options).as_numpy_iterator()
         first = next(iterator)
         last_index[0] = int(first["_index"].max())
         out[name] = time_batches(_chain(first, iterator), passes, consumed)
 
-    config = recipe_input_config(files, image_size=args.image_size, shuffle_buffer=args.shuffle_buffer,
-                                 cycle_length=args.cycle_length)
-    ds = pipeline.build_eval_dataset(config, split="all", batch_size=args.batch).with_options(options)
-    out["eval"] = time_batches(ds.as_numpy_iterator(), passes,
-                               lambda b: int(np.count_nonzero(b["_mask"])) or len(b["_mask"]))
+    for name, checkout in pair("eval"):
+        with checkout.active():
+            from input_pipeline import pipeline
+            config = recipe_input_config(files, image_size=args.image_size,
+                                         shuffle_buffer=args.shuffle_buffer,
+                                         cycle_length=args.cycle_length)
+            ds = pipeline.build_eval_dataset(config, split="all", batch_size=args.batch)
+        out[name] = time_batches(ds.with_options(options).as_numpy_iterator(), passes,
+                                 lambda b: int(np.count_nonzero(b["_mask"])) or len(b["_mask"]))
     return out
 
 
@@ -207,6 +272,11 @@ def summarise(rounds: list[dict[str, dict]], threads: int) -> dict[str, Any]:
             ratios = [r[name]["records_per_cpu_s"] / r["decode"]["records_per_cpu_s"] for r in rounds]
             summary[f"{name}_over_decode"] = report.median(ratios)
             summary[f"{name}_over_decode_rounds"] = ratios
+        if f"{name}@baseline" in names:  # per-round ratios of this tree's rate to the baseline's
+            ratios = [r[name]["records_per_cpu_s"] / r[f"{name}@baseline"]["records_per_cpu_s"]
+                      for r in rounds]
+            summary[f"{name}_over_baseline"] = report.median(ratios)
+            summary[f"{name}_over_baseline_rounds"] = ratios
     return summary
 
 
@@ -227,6 +297,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; medians reported")
     parser.add_argument("--compare_full_decode", action=argparse.BooleanOptionalAction, default=True,
                         help="also time the train pipeline with a full decode before the crop")
+    parser.add_argument("--baseline", default=None, metavar="DIR",
+                        help="another checkout of this repository (e.g. `git worktree add DIR "
+                             "COMMIT`): its train and eval pipelines are timed in the same rounds "
+                             "and the ratios this tree / baseline reported")
     parser.add_argument("--out", default=None, help="write the result as JSON to this path")
     return parser.parse_args(argv)
 
@@ -240,6 +314,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for name in ("threads", "batch", "repeat", "rounds"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name} must be >= 1")
+    baseline = Checkout(args.baseline) if args.baseline else None
     configure_threads(args.threads)
     tmp = tempfile.mkdtemp(prefix="coyo_vit_pipeline_bench_")
     try:
@@ -247,7 +322,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         num_records = count_records(files)
         rounds = []
         for i in range(args.rounds):
-            rounds.append(measure_round(files, args, num_records))
+            rounds.append(measure_round(files, args, num_records, i, baseline))
             print(f"round {i + 1}/{args.rounds}: " + ", ".join(
                 f"{k} {v['records_per_cpu_s']:.1f}/CPU-s" for k, v in rounds[-1].items()), flush=True)
     finally:
@@ -260,6 +335,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(f"{num_records} records ({args.repeat} x {args.shards}), {args.threads} thread(s), "
           f"batch {args.batch}, {args.image_size}px; medians of {args.rounds} rounds")
     print(report.table(rows, COLUMNS))
+    for name in ("train", "eval"):
+        if f"{name}_over_baseline" in summary:
+            print(f"{name} / {name}@baseline ({args.baseline}), records per CPU-second: "
+                  f"{summary[f'{name}_over_baseline']:.3f} (rounds "
+                  + ", ".join(f"{r:.3f}" for r in summary[f"{name}_over_baseline_rounds"]) + ")")
     result = {"benchmark": "input_pipeline", "settings": vars(args), "num_records": num_records,
               **summary, "rounds": rounds}
     report.write_json(args.out, result)

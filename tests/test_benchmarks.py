@@ -154,6 +154,29 @@ def test_input_pipeline_runs_tiny_configuration(tmp_path):
     assert result["train_over_decode"] > 0
 
 
+def test_input_pipeline_times_a_baseline_checkout_in_the_same_rounds(tmp_path):
+    """The baseline's packages are imported side by side with ours and swapped back after: here
+    the baseline is this same tree, imported a second time as separate modules."""
+    import sys
+
+    from benchmarks import input_pipeline
+    from input_pipeline import pipeline
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "input_pipeline.json"
+    input_pipeline.main(["--repeat", "1", "--rounds", "2", "--batch", "16", "--image_size", "32",
+                         "--shuffle_buffer", "16", "--no-compare_full_decode",
+                         "--baseline", str(root), "--out", str(out)])
+    result = _load(out)
+    assert set(result["records_per_s"]) == {"decode", "train", "train@baseline", "eval",
+                                            "eval@baseline"}
+    assert len(result["train_over_baseline_rounds"]) == 2 and result["eval_over_baseline"] > 0
+    assert list(result["rounds"][0])[1:3] == ["train", "train@baseline"]  # order alternates
+    assert list(result["rounds"][1])[1:3] == ["train@baseline", "train"]
+    assert sys.modules["input_pipeline.pipeline"] is pipeline
+    with pytest.raises(SystemExit, match="not a checkout of this repository"):
+        input_pipeline.main(["--baseline", str(tmp_path)])
+
+
 def test_end_to_end_runs_tiny_configuration(tmp_path):
     from benchmarks import end_to_end
     out = tmp_path / "end_to_end.json"
