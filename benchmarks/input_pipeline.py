@@ -2,7 +2,7 @@
 
     python -m benchmarks.input_pipeline --out /tmp/input_pipeline.json
     python -m benchmarks.input_pipeline --shards '/data/coyo/0000*.tfrecord' --repeat 1
-    git worktree add /tmp/base HEAD~3 && python -m benchmarks.input_pipeline --baseline /tmp/base
+    git worktree add /tmp/base HEAD~1 && python -m benchmarks.input_pipeline --baseline /tmp/base
 
 The shards (default: the real img2dataset fixture, 145 images, linked `--repeat` times into a
 temporary directory so one pass is long enough to time) go through, in each round:
@@ -59,14 +59,15 @@ _PIPELINE_PACKAGES = ("input_pipeline", "configs")
 class Checkout:
     """The pipeline packages (`input_pipeline`, `configs`) of one source tree, importable side by
     side with this one's. Inside `with checkout.active():` imports of those packages resolve to
-    the tree's copy; datasets built there keep working after the block (a built tf.data graph no
-    longer needs the Python modules). root None is this tree."""
+    the tree's copy (anything else they import, such as `coyo_vit`, still comes from this tree);
+    datasets built there keep working after the block, since a built tf.data graph no longer
+    needs the Python modules. root None is this tree."""
 
     def __init__(self, root: str | None):
         self.root = None if root is None else os.path.abspath(root)
         if self.root is not None and not os.path.isfile(
                 os.path.join(self.root, "input_pipeline", "pipeline.py")):
-            raise SystemExit(f"--baseline {root!r} is not a checkout of this repository (no "
+            raise ValueError(f"{root!r} is not a checkout of this repository (no "
                              f"input_pipeline/pipeline.py); make one with `git worktree add DIR "
                              f"COMMIT`")
         self._modules: dict[str, Any] = {}
@@ -79,19 +80,29 @@ class Checkout:
         ours = _pop_pipeline_modules()
         sys.modules.update(self._modules)
         sys.path.insert(0, self.root)
+        completed = False
         try:
             yield
-            from input_pipeline import pipeline
-            if not os.path.abspath(pipeline.__file__).startswith(self.root + os.sep):
-                raise SystemExit(f"--baseline: input_pipeline was imported from "
-                                 f"{pipeline.__file__}, not from {self.root}")
+            self._check_origin()
+            completed = True
         finally:
-            sys.path.remove(self.root)
-            self._modules = _pop_pipeline_modules()
+            theirs = _pop_pipeline_modules()
             sys.modules.update(ours)
+            sys.path.remove(self.root)
+            self._modules = theirs if completed else {}  # never reuse half-imported modules
+
+    def _check_origin(self) -> None:
+        """Every pipeline module imported in the block must come from this checkout's files."""
+        for name, module in sys.modules.items():
+            path = getattr(module, "__file__", None)
+            if (name.split(".")[0] in _PIPELINE_PACKAGES and path
+                    and not os.path.abspath(path).startswith(self.root + os.sep)):
+                raise RuntimeError(f"--baseline: {name} was imported from {path}, not from "
+                                   f"{self.root}")
 
 
 def _pop_pipeline_modules() -> dict[str, Any]:
+    """Takes the pipeline packages' modules out of sys.modules and returns them."""
     names = [n for n in sys.modules if n.split(".")[0] in _PIPELINE_PACKAGES]
     return {n: sys.modules.pop(n) for n in names}
 
@@ -197,8 +208,8 @@ def time_batches(batches: Iterator[dict[str, np.ndarray] | np.ndarray], num_batc
 def measure_round(files: list[str], args: argparse.Namespace, num_records: int, round_index: int = 0,
                   baseline: Checkout | None = None) -> dict[str, dict]:
     """One timing of each pipeline over about one pass of the (repeated) records. With a
-    baseline, `train@baseline` and `eval@baseline` are timed next to `train` and `eval`, first
-    in odd rounds and second in even ones."""
+    baseline, `train@baseline` and `eval@baseline` are timed next to `train` and `eval`, second
+    when round_index is even and first when it is odd."""
     options = thread_options(args.threads)
     passes = max(num_records // args.batch - 1, 1)  # batches after the untimed first one
     ours = Checkout(None)
@@ -314,7 +325,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for name in ("threads", "batch", "repeat", "rounds"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name} must be >= 1")
-    baseline = Checkout(args.baseline) if args.baseline else None
+    try:
+        baseline = Checkout(args.baseline) if args.baseline else None
+    except ValueError as e:
+        raise SystemExit(f"--baseline: {e}") from None
     configure_threads(args.threads)
     tmp = tempfile.mkdtemp(prefix="coyo_vit_pipeline_bench_")
     try:

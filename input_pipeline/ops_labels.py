@@ -54,8 +54,8 @@ def coyo_labels(mode: str, arg: float | int | None = None, num_classes: int = NU
         lengths_ok = tf.equal(num_labels, num_probs)
         if mode in ("topk", "top1"):
             lengths_ok = tf.logical_or(lengths_ok, tf.equal(num_probs, 0))  # probs not needed
-        # Plain Assert ops: tf.debugging.Assert would wrap each one in a cond (because of the
-        # int64 data), adding control-flow nodes to every record's graph.
+        # Plain Assert ops: tf.debugging.Assert wraps an assert whose data is not all string or
+        # int32 (the labels, int64) in a cond, adding control-flow nodes to every record's graph.
         checks = [
             tf.raw_ops.Assert(condition=lengths_ok, data=[
                 "coyo_labels: labels and label_probs differ in length:", num_labels, num_probs]),

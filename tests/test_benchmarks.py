@@ -155,17 +155,28 @@ def test_input_pipeline_runs_tiny_configuration(tmp_path):
 
 
 def test_input_pipeline_times_a_baseline_checkout_in_the_same_rounds(tmp_path):
-    """The baseline's packages are imported side by side with ours and swapped back after: here
-    the baseline is this same tree, imported a second time as separate modules."""
+    """A copy of this tree's pipeline packages as the baseline: imported as separate modules
+    from the copy's files while its pipelines are built, and ours put back after."""
+    import shutil
     import sys
 
     from benchmarks import input_pipeline
     from input_pipeline import pipeline
     root = Path(__file__).resolve().parents[1]
+    baseline = tmp_path / "baseline"
+    for package in ("input_pipeline", "configs"):
+        shutil.copytree(root / package, baseline / package,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    checkout = input_pipeline.Checkout(str(baseline))
+    with checkout.active():
+        from input_pipeline import pipeline as theirs
+    assert theirs is not pipeline and Path(theirs.__file__).is_relative_to(baseline)
+    assert sys.modules["input_pipeline.pipeline"] is pipeline
+
     out = tmp_path / "input_pipeline.json"
     input_pipeline.main(["--repeat", "1", "--rounds", "2", "--batch", "16", "--image_size", "32",
                          "--shuffle_buffer", "16", "--no-compare_full_decode",
-                         "--baseline", str(root), "--out", str(out)])
+                         "--baseline", str(baseline), "--out", str(out)])
     result = _load(out)
     assert set(result["records_per_s"]) == {"decode", "train", "train@baseline", "eval",
                                             "eval@baseline"}
@@ -174,7 +185,7 @@ def test_input_pipeline_times_a_baseline_checkout_in_the_same_rounds(tmp_path):
     assert list(result["rounds"][1])[1:3] == ["train@baseline", "train"]
     assert sys.modules["input_pipeline.pipeline"] is pipeline
     with pytest.raises(SystemExit, match="not a checkout of this repository"):
-        input_pipeline.main(["--baseline", str(tmp_path)])
+        input_pipeline.main(["--baseline", str(tmp_path / "elsewhere")])
 
 
 def test_end_to_end_runs_tiny_configuration(tmp_path):

@@ -62,22 +62,39 @@ def test_mixup_of_uint8_mixes_in_the_float_range_without_rounding():
 def test_uint8_resize_rounds_the_exact_uint8_resize_to_nearest():
     """resize_uint8 casts to float32 before resizing unless the input is over 5x the output's
     pixels (faster either way); both paths must give the rounded output of TF's own uint8
-    kernels, bit for bit, down- and upscaling, with and without antialiasing."""
+    kernels, bit for bit, down- and upscaling, with and without antialiasing, with static shapes
+    (the path picked in Python) and unknown ones (picked by a cond in the graph)."""
     image = tf.constant(np.random.default_rng(2).integers(0, 256, (37, 23, 3)), tf.uint8)
     for size in ((16, 11), (50, 41), (8, 5)):  # 4.8x, 0.4x and 21x the output's pixels
         for method, antialias in (("bilinear", False), ("bilinear", True), ("area", False),
-                                  ("bicubic", False), ("lanczos3", True)):
+                                  ("bicubic", False), ("bicubic", True), ("lanczos3", False),
+                                  ("lanczos3", True)):
             exact = tf.image.resize(image, size, method=method, antialias=antialias).numpy()
-            got = ops_image.resize_uint8(image, size, method, antialias).numpy()
-            assert got.dtype == np.uint8
             if method in ("bilinear", "area"):  # convex: +0.5 and truncate
                 want = np.floor(exact + 0.5)
             else:  # may overshoot: rounded half to even, then saturated
                 want = np.clip(np.round(exact), 0, 255)
-            np.testing.assert_array_equal(got, want, err_msg=f"{method} {antialias} {size}")
+            unknown_shape = tf.function(
+                lambda x, m=method, a=antialias, s=size: ops_image.resize_uint8(x, s, m, a),
+                input_signature=[tf.TensorSpec([None, None, 3], tf.uint8)])
+            for got in (ops_image.resize_uint8(image, size, method, antialias),
+                        unknown_shape(image)):
+                assert got.dtype == tf.uint8
+                np.testing.assert_array_equal(got, want, err_msg=f"{method} {antialias} {size}")
     nearest = ops_image.resize_uint8(image, (16, 11), "nearest")
     assert nearest.dtype == tf.uint8
     np.testing.assert_array_equal(nearest, tf.image.resize(image, (16, 11), method="nearest"))
+
+
+def test_cast_before_resize_only_when_the_input_is_at_most_5x_the_output():
+    small, large = tf.zeros([100, 50, 3], tf.uint8), tf.zeros([100, 51, 3], tf.uint8)
+    assert ops_image.cast_before_resize(small, (50, 20)) is True  # 5,000 <= 5 x 1,000
+    assert ops_image.cast_before_resize(large, (50, 20)) is False
+    assert ops_image.cast_before_resize(tf.zeros([2, 100, 51, 3], tf.uint8), (50, 20)) is False
+    decide = tf.function(ops_image.cast_before_resize,
+                         input_signature=[tf.TensorSpec([None, None, 3], tf.uint8),
+                                          tf.TensorSpec([2], tf.int32)])
+    assert bool(decide(small, tf.constant([50, 20]))) and not bool(decide(large, tf.constant([50, 20])))
 
 
 def test_resizing_a_float_image_keeps_its_values():

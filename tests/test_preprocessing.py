@@ -331,6 +331,20 @@ def test_topk_works_without_probabilities_and_duplicates_count_once():
     assert bool(out["_keep"])
 
 
+def test_threshold_keeps_a_label_listed_twice_if_either_copy_passes():
+    # Threshold mode scatters every label, those below the threshold with 0: max() must keep the
+    # copy that passes, in graph mode (as in the pipeline) as in eager mode.
+    op = ops_labels.coyo_labels("threshold", 0.5, num_classes=5)
+    features = {"labels": tf.constant([3, 1, 3, 2], tf.int64),
+                "label_probs": tf.constant([0.1, 0.2, 0.9, float("nan")])}
+    for run in (op, tf.function(lambda f: op(dict(f)))):
+        out = run(dict(features))
+        np.testing.assert_array_equal(out["labels"].numpy(), [0, 0, 0, 1, 0])
+        assert bool(out["_keep"])
+    below = run({"labels": tf.constant([3, 3], tf.int64), "label_probs": tf.constant([0.1, 0.4])})
+    assert not bool(below["_keep"]) and float(tf.reduce_sum(below["labels"])) == 0.0
+
+
 def test_missing_labels_give_empty_target_flagged_for_dropping():
     example = tf.train.Example()
     example.features.feature["jpg"].bytes_list.value.append(b"x")
