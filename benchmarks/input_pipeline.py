@@ -11,6 +11,8 @@ temporary directory so one pass is long enough to time) go through, in each roun
   * `train`: input_pipeline.build_train_dataset with the pretraining recipe's pp_train
     (configs/coyo_pretrain.py: crop-window JPEG decode, inception crop to 224, flip, value range,
     21,841-class threshold labels), batched like training;
+  * `crop_only` (with --compare_crop_only): the recipe's crop op alone (crop-window decode,
+    resize to the training size), batched: the bound for the train pipeline with this crop;
   * `train_full_decode` (with --compare_full_decode): the same pipeline with the crop taken after
     a full decode (`decode|inception_crop(...)`), i.e. without the crop-window optimisation;
   * `eval`: input_pipeline.build_eval_dataset with the recipe's pp_eval (resize-small 256,
@@ -184,6 +186,29 @@ def decode_dataset(files: Sequence[str], batch: int, cycle_length: int) -> tf.da
     return ds.batch(batch).prefetch(2)
 
 
+def crop_only_dataset(files: Sequence[str], batch: int, cycle_length: int, image_size: int
+                      ) -> tf.data.Dataset:
+    """Records -> `jpg` -> the recipe's `decode_jpeg_and_inception_crop(image_size, area_min=5)`
+    alone, batched: the bound for a pipeline with this crop, read like `decode_dataset`. None of
+    the training pipeline's bookkeeping (damage checks and skip counts, labels, flip, shuffle).
+    """
+    from input_pipeline import registry
+
+    crop = registry.get("decode_jpeg_and_inception_crop")(image_size, area_min=5)
+    seed = tf.constant([0, 0], tf.int64)
+
+    def decode_and_crop(index: tf.Tensor, serialized: tf.Tensor) -> tf.Tensor:
+        jpg = tf.io.parse_single_example(serialized, {"jpg": tf.io.FixedLenFeature([], tf.string)})["jpg"]
+        rng = tf.random.experimental.stateless_fold_in(seed, index)
+        return crop({"jpg": jpg, "rng": rng})["image"]
+
+    ds = tf.data.Dataset.from_tensor_slices(list(files)).interleave(
+        tf.data.TFRecordDataset, cycle_length=min(cycle_length, len(files)), block_length=1,
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.enumerate().map(decode_and_crop, num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.ignore_errors().batch(batch).prefetch(2)
+
+
 def time_batches(batches: Iterator[dict[str, np.ndarray] | np.ndarray], num_batches: int,
                  records_of: Callable[[Any], int]) -> dict[str, float]:
     """Pulls one untimed batch (start-up, shuffle-buffer fill), then times up to `num_batches`."""
@@ -217,6 +242,9 @@ def measure_round(files: list[str], args: argparse.Namespace, num_records: int, 
 
     ds = decode_dataset(files, args.batch, args.cycle_length).with_options(options)
     out["decode"] = time_batches(ds.as_numpy_iterator(), passes, len)
+    if args.compare_crop_only:
+        ds = crop_only_dataset(files, args.batch, args.cycle_length, args.image_size)
+        out["crop_only"] = time_batches(ds.with_options(options).as_numpy_iterator(), passes, len)
 
     def pair(name: str) -> list[tuple[str, Checkout]]:
         both = [(name, ours)] + ([(f"{name}@baseline", baseline)] if baseline else [])
@@ -308,6 +336,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; medians reported")
     parser.add_argument("--compare_full_decode", action=argparse.BooleanOptionalAction, default=True,
                         help="also time the train pipeline with a full decode before the crop")
+    parser.add_argument("--compare_crop_only", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time the recipe's crop op alone (crop-window decode, resize), "
+                             "without the training pipeline's bookkeeping: the bound for it")
     parser.add_argument("--baseline", default=None, metavar="DIR",
                         help="another checkout of this repository (e.g. `git worktree add DIR "
                              "COMMIT`): its train and eval pipelines are timed in the same rounds "
