@@ -175,13 +175,9 @@ def decode_dataset(files: Sequence[str], batch: int, cycle_length: int) -> tf.da
     reference pays for decoding and nothing else: no resize, no batching of pixels.
     """
     def decode(serialized: tf.Tensor) -> tf.Tensor:
-        jpg = tf.io.parse_single_example(serialized, {"jpg": tf.io.FixedLenFeature([], tf.string)})["jpg"]
-        return tf.size(tf.io.decode_jpeg(jpg, channels=3), out_type=tf.int64)
+        return tf.size(tf.io.decode_jpeg(_jpeg_bytes(serialized), channels=3), out_type=tf.int64)
 
-    ds = tf.data.Dataset.from_tensor_slices(list(files)).interleave(
-        tf.data.TFRecordDataset, cycle_length=min(cycle_length, len(files)), block_length=1,
-        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = _interleaved_records(files, cycle_length).map(decode, num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.ignore_errors()  # damaged JPEGs (real shards have some) are skipped, as in training
     return ds.batch(batch).prefetch(2)
 
@@ -198,15 +194,24 @@ def crop_only_dataset(files: Sequence[str], batch: int, cycle_length: int, image
     seed = tf.constant([0, 0], tf.int64)
 
     def decode_and_crop(index: tf.Tensor, serialized: tf.Tensor) -> tf.Tensor:
-        jpg = tf.io.parse_single_example(serialized, {"jpg": tf.io.FixedLenFeature([], tf.string)})["jpg"]
         rng = tf.random.experimental.stateless_fold_in(seed, index)
-        return crop({"jpg": jpg, "rng": rng})["image"]
+        return crop({"jpg": _jpeg_bytes(serialized), "rng": rng})["image"]
 
-    ds = tf.data.Dataset.from_tensor_slices(list(files)).interleave(
+    ds = _interleaved_records(files, cycle_length).enumerate()
+    ds = ds.map(decode_and_crop, num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.ignore_errors().batch(batch).prefetch(2)
+
+
+def _interleaved_records(files: Sequence[str], cycle_length: int) -> tf.data.Dataset:
+    """The files' serialized records, interleaved like the train pipeline reads them."""
+    return tf.data.Dataset.from_tensor_slices(list(files)).interleave(
         tf.data.TFRecordDataset, cycle_length=min(cycle_length, len(files)), block_length=1,
         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.enumerate().map(decode_and_crop, num_parallel_calls=tf.data.AUTOTUNE)
-    return ds.ignore_errors().batch(batch).prefetch(2)
+
+
+def _jpeg_bytes(serialized: tf.Tensor) -> tf.Tensor:
+    """An img2dataset record's `jpg` bytes."""
+    return tf.io.parse_single_example(serialized, {"jpg": tf.io.FixedLenFeature([], tf.string)})["jpg"]
 
 
 def time_batches(batches: Iterator[dict[str, np.ndarray] | np.ndarray], num_batches: int,
