@@ -62,12 +62,14 @@ def resize_uint8(image: tf.Tensor, size: tf.Tensor | Sequence[int], method: str 
         return resize(image)
     if image.dtype.is_floating:
         return tf.cast(resize(image), image.dtype)
+    def from_floats() -> tf.Tensor:
+        return resize(tf.cast(image, tf.float32))
+
     cast_first = cast_before_resize(image, size)
-    if isinstance(cast_first, bool):
-        resized = resize(tf.cast(image, tf.float32)) if cast_first else resize(image)
+    if isinstance(cast_first, bool):  # static shapes: decided here, no cond in the graph
+        resized = from_floats() if cast_first else resize(image)
     else:
-        resized = tf.cond(cast_first, lambda: resize(tf.cast(image, tf.float32)),
-                          lambda: resize(image))
+        resized = tf.cond(cast_first, from_floats, lambda: resize(image))
     if method in _CONVEX_METHODS and image.dtype == tf.uint8:
         # Weighted means of uint8 pixels stay in [0, 255]: +0.5 and truncate rounds half up
         # with one pass over the image instead of round + saturate's three (~0.1 ms at 224px).
