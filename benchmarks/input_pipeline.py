@@ -13,6 +13,8 @@ temporary directory so one pass is long enough to time) go through, in each roun
     21,841-class threshold labels), batched like training;
   * `crop_only` (with --compare_crop_only): the recipe's crop op alone (crop-window decode,
     resize to the training size), batched: the bound for the train pipeline with this crop;
+    and `crop_decode`, the same crop windows decoded and not resized, which splits that bound
+    into decoding and resizing;
   * `train_full_decode` (with --compare_full_decode): the same pipeline with the crop taken after
     a full decode (`decode|inception_crop(...)`), i.e. without the crop-window optimisation;
   * `eval`: input_pipeline.build_eval_dataset with the recipe's pp_eval (resize-small 256,
@@ -202,6 +204,27 @@ def crop_only_dataset(files: Sequence[str], batch: int, cycle_length: int, image
     return ds.ignore_errors().batch(batch).prefetch(2)
 
 
+def crop_decode_dataset(files: Sequence[str], batch: int, cycle_length: int
+                        ) -> tf.data.Dataset:
+    """`crop_only_dataset`'s crop windows (same seeds, the recipe's area_min=5) decoded with
+    tf.image.decode_and_crop_jpeg and reduced to their size: crop_only minus the resize."""
+    from input_pipeline import ops_image
+
+    seed = tf.constant([0, 0], tf.int64)
+
+    def decode_window(index: tf.Tensor, serialized: tf.Tensor) -> tf.Tensor:
+        rng = tf.random.experimental.stateless_fold_in(seed, index)
+        # The crop op's own seed derivation, so the windows are crop_only's.
+        op_seed = ops_image.op_seed({"rng": rng}, "decode_jpeg_and_inception_crop")
+        data = _jpeg_bytes(serialized)
+        window = ops_image.jpeg_crop_window(data, op_seed, area_min=5, area_max=100)
+        return tf.size(tf.image.decode_and_crop_jpeg(data, window, channels=3), out_type=tf.int64)
+
+    ds = _interleaved_records(files, cycle_length).enumerate()
+    ds = ds.map(decode_window, num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.ignore_errors().batch(batch).prefetch(2)
+
+
 def _interleaved_records(files: Sequence[str], cycle_length: int) -> tf.data.Dataset:
     """The files' serialized records, interleaved like the train pipeline reads them."""
     return tf.data.Dataset.from_tensor_slices(list(files)).interleave(
@@ -248,6 +271,9 @@ def measure_round(files: list[str], args: argparse.Namespace, num_records: int, 
     ds = decode_dataset(files, args.batch, args.cycle_length).with_options(options)
     out["decode"] = time_batches(ds.as_numpy_iterator(), passes, len)
     if args.compare_crop_only:
+        ds = crop_decode_dataset(files, args.batch, args.cycle_length)
+        out["crop_decode"] = time_batches(ds.with_options(options).as_numpy_iterator(), passes,
+                                          len)
         ds = crop_only_dataset(files, args.batch, args.cycle_length, args.image_size)
         out["crop_only"] = time_batches(ds.with_options(options).as_numpy_iterator(), passes, len)
 
@@ -343,7 +369,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="also time the train pipeline with a full decode before the crop")
     parser.add_argument("--compare_crop_only", action=argparse.BooleanOptionalAction, default=True,
                         help="also time the recipe's crop op alone (crop-window decode, resize), "
-                             "without the training pipeline's bookkeeping: the bound for it")
+                             "without the training pipeline's bookkeeping: the bound for it; and "
+                             "the same crop windows decoded without the resize")
     parser.add_argument("--baseline", default=None, metavar="DIR",
                         help="another checkout of this repository (e.g. `git worktree add DIR "
                              "COMMIT`): its train and eval pipelines are timed in the same rounds "

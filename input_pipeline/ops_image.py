@@ -110,6 +110,14 @@ def _sample_crop_window(image_shape: tf.Tensor, seed: tf.Tensor, area_min: float
     return begin, size
 
 
+def jpeg_crop_window(data: tf.Tensor, seed: tf.Tensor, area_min: float, area_max: float
+                     ) -> tf.Tensor:
+    """An Inception crop window [y, x, height, width] of JPEG bytes, read from the header alone,
+    as `tf.image.decode_and_crop_jpeg` takes it."""
+    begin, crop = _sample_crop_window(tf.image.extract_jpeg_shape(data), seed, area_min, area_max)
+    return tf.stack([begin[0], begin[1], crop[0], crop[1]])
+
+
 def _check_size(size: int | Sequence[int] | None, op_name: str, allow_none: bool = False
                 ) -> tuple[int, int] | None:
     """Normalises an int or (h, w) size; the error names the op and what is valid."""
@@ -178,9 +186,7 @@ def decode_jpeg_and_inception_crop(size: int | Sequence[int], area_min: float = 
         seed = op_seed(features, "decode_jpeg_and_inception_crop")
 
         def crop_jpeg() -> tf.Tensor:
-            begin, crop = _sample_crop_window(tf.image.extract_jpeg_shape(data), seed, area_min,
-                                              area_max)
-            window = tf.stack([begin[0], begin[1], crop[0], crop[1]])
+            window = jpeg_crop_window(data, seed, area_min, area_max)
             return tf.image.decode_and_crop_jpeg(data, window, channels=3)
 
         def crop_decoded() -> tf.Tensor:

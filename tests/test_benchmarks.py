@@ -150,7 +150,7 @@ def test_input_pipeline_runs_tiny_configuration(tmp_path):
                          "--shuffle_buffer", "16", "--no-compare_full_decode", "--out", str(out)])
     result = _load(out)
     assert result["num_records"] == 145
-    assert set(result["records_per_s"]) == {"decode", "crop_only", "train", "eval"}
+    assert set(result["records_per_s"]) == {"decode", "crop_decode", "crop_only", "train", "eval"}
     assert result["crop_only_over_decode"] > 0
     assert result["train_over_decode"] > 0
 
@@ -179,11 +179,12 @@ def test_input_pipeline_times_a_baseline_checkout_in_the_same_rounds(tmp_path):
                          "--shuffle_buffer", "16", "--no-compare_full_decode",
                          "--baseline", str(baseline), "--out", str(out)])
     result = _load(out)
-    assert set(result["records_per_s"]) == {"decode", "crop_only", "train", "train@baseline",
+    assert set(result["records_per_s"]) == {"decode", "crop_decode", "crop_only", "train",
+                                            "train@baseline",
                                             "eval", "eval@baseline"}
     assert len(result["train_over_baseline_rounds"]) == 2 and result["eval_over_baseline"] > 0
-    assert list(result["rounds"][0])[2:4] == ["train", "train@baseline"]  # order alternates
-    assert list(result["rounds"][1])[2:4] == ["train@baseline", "train"]
+    assert list(result["rounds"][0])[3:5] == ["train", "train@baseline"]  # order alternates
+    assert list(result["rounds"][1])[3:5] == ["train@baseline", "train"]
     assert sys.modules["input_pipeline.pipeline"] is pipeline
     with pytest.raises(SystemExit, match="not a checkout of this repository"):
         input_pipeline.main(["--baseline", str(tmp_path / "elsewhere")])
