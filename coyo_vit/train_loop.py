@@ -122,71 +122,78 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     pending: list[dict[str, jax.Array]] = []  # device metrics since the last log: no per-step host sync
     preemption = PreemptionWatcher()
 
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        for step in range(first_step + 1, config.total_steps + 1):
-            batch, host = next(batches)
-            state, step_metrics = train_step(state, batch)
-            pending.append(step_metrics)
-            consumed = int(host["_index"].max()) + 1
-            skipped += consumed - position - local_batch  # records dropped by the pipeline (bad images)
-            position = consumed
-            if by_reason is not None:
-                by_reason.update(host)
-
-            stop = preemption.should_stop(step)
-            save = stop or step % config.checkpoint_every_steps == 0 or step == config.total_steps
-            # A preempted run logs what it has too: the steps since the last log are not lost.
-            log_now = stop or step % config.log_every_steps == 0 or step == config.total_steps
-            if save or log_now:
-                host_metrics = jax.device_get(pending)
-                # Never checkpoint (nor go on from) non-finite parameters. With skip_nonfinite
-                # the step kept the last finite ones, so only the parameters themselves are checked.
-                _check_finite(host_metrics, step - len(pending) + 1, checkpointer, workdir,
-                              "train/param_norm" if skip_nonfinite else "train/loss")
-            if log_now:
-                scalars = {k: float(np.sum(v) if k == "train/skipped_nonfinite" else np.nanmean(v))
-                           for k, v in jax.tree.map(lambda *xs: np.stack(xs), *host_metrics).items()}
-                pending.clear()
-                rate = progress.report(step)
-                scalars.update({"train/images_per_sec": rate["images_per_sec"],
-                                "train/steps_per_sec": rate["steps_per_sec"],
-                                "data/skipped_records": _sum_over_processes(skipped)})
+    try:
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            for step in range(first_step + 1, config.total_steps + 1):
+                batch, host = next(batches)
+                state, step_metrics = train_step(state, batch)
+                pending.append(step_metrics)
+                consumed = int(host["_index"].max()) + 1
+                skipped += consumed - position - local_batch  # records dropped by the pipeline (bad images)
+                position = consumed
                 if by_reason is not None:
-                    scalars.update({f"data/skipped/{reason}": float(sum(per_process))
-                                    for reason, per_process in _gather_counts(by_reason.totals()).items()})
-                logger.write(step, scalars)
-                if is_main:
-                    logging.info("step %d/%d  loss %.4f  lr %.3g  %.1f img/s  ETA %s  (skipped %d bad records)",
-                                 step, config.total_steps, scalars["train/loss"], scalars["train/lr"],
-                                 rate["images_per_sec"], format_eta(rate["eta_seconds"]),
-                                 scalars["data/skipped_records"])
+                    by_reason.update(host)
 
-            for name, evaluator in evaluators.items():
-                if is_due(evaluator.every_steps, step, config.total_steps):
-                    started = time.perf_counter()
-                    results = evaluator.evaluate(state.eval_params)
-                    logger.write(step, results)
+                stop = preemption.should_stop(step)
+                save = stop or step % config.checkpoint_every_steps == 0 or step == config.total_steps
+                # A preempted run logs what it has too: the steps since the last log are not lost.
+                log_now = stop or step % config.log_every_steps == 0 or step == config.total_steps
+                if save or log_now:
+                    host_metrics = jax.device_get(pending)
+                    # Never checkpoint (nor go on from) non-finite parameters. The loss is that of
+                    # the parameters before the update, so the parameter norm after it is checked
+                    # too; with skip_nonfinite a bad step kept the last finite parameters, so only
+                    # they are checked.
+                    _check_finite(host_metrics, step - len(pending) + 1, workdir,
+                                  ("train/param_norm",) if skip_nonfinite
+                                  else ("train/loss", "train/param_norm"))
+                if log_now:
+                    scalars = {k: float(np.sum(v) if k == "train/skipped_nonfinite" else np.nanmean(v))
+                               for k, v in jax.tree.map(lambda *xs: np.stack(xs), *host_metrics).items()}
+                    pending.clear()
+                    rate = progress.report(step)
+                    scalars.update({"train/images_per_sec": rate["images_per_sec"],
+                                    "train/steps_per_sec": rate["steps_per_sec"],
+                                    "data/skipped_records": _sum_over_processes(skipped)})
+                    if by_reason is not None:
+                        scalars.update({f"data/skipped/{reason}": float(sum(per_process))
+                                        for reason, per_process in _gather_counts(by_reason.totals()).items()})
+                    logger.write(step, scalars)
                     if is_main:
-                        logging.info("step %d %s: %s (%.1fs)", step, name,
-                                     json.dumps({k: round(v, 4) for k, v in results.items()}),
-                                     time.perf_counter() - started)
+                        logging.info("step %d/%d  loss %.4f  lr %.3g  %.1f img/s  ETA %s  (skipped %d bad records)",
+                                     step, config.total_steps, scalars["train/loss"], scalars["train/lr"],
+                                     rate["images_per_sec"], format_eta(rate["eta_seconds"]),
+                                     scalars["data/skipped_records"])
 
-            if save:
-                meta = {"model": _model_kwargs(config), "step": step,
-                        "data_positions": _gather_ints(position), "skipped_records": _gather_ints(skipped),
-                        "epoch_lengths": _gather_ints(exact_epoch)}
-                if by_reason is not None:
-                    counts = _gather_counts(by_reason.totals())
-                    meta["skipped_by_reason"] = [{r: n[i] for r, n in counts.items()} for i in range(process_count)]
-                checkpointer.save(step, state.as_checkpoint(), meta)
-            if stop:
-                logging.warning("Preempted: checkpoint of step %d written; exiting.", step)
-                break
+                # Saved before the evaluations: one that fails must not cost this step's checkpoint.
+                if save:
+                    meta = {"model": _model_kwargs(config), "step": step,
+                            "data_positions": _gather_ints(position), "skipped_records": _gather_ints(skipped),
+                            "epoch_lengths": _gather_ints(exact_epoch)}
+                    if by_reason is not None:
+                        counts = _gather_counts(by_reason.totals())
+                        meta["skipped_by_reason"] = [{r: n[i] for r, n in counts.items()} for i in range(process_count)]
+                    checkpointer.save(step, state.as_checkpoint(), meta)
+                if stop:
+                    logging.warning("Preempted: checkpoint of step %d written; exiting.", step)
+                    break
 
-    preemption.close()
-    batches.close()
-    checkpointer.close()
-    logger.close()
+                for name, evaluator in evaluators.items():
+                    if is_due(evaluator.every_steps, step, config.total_steps):
+                        started = time.perf_counter()
+                        results = evaluator.evaluate(state.eval_params)
+                        logger.write(step, results)
+                        if is_main:
+                            logging.info("step %d %s: %s (%.1fs)", step, name,
+                                         json.dumps({k: round(v, 4) for k, v in results.items()}),
+                                         time.perf_counter() - started)
+    finally:
+        # Also when a step, the data or an evaluator fails: the checkpoint being written in the
+        # background is finished and committed, not left as a temporary directory.
+        preemption.close()
+        batches.close()
+        checkpointer.close()
+        logger.close()
     return state
 
 
@@ -204,16 +211,19 @@ def make_evaluators(config: ml_collections.ConfigDict, *, model: Model, mesh: ja
     return evaluators
 
 
-def _check_finite(step_metrics: list[dict[str, Any]], first_step: int, checkpointer: TrainCheckpointer,
-                  workdir: str, key: str = "train/loss") -> None:
-    """Stops the run at the first non-finite `key` metric, naming its step; earlier checkpoints stay."""
+def _check_finite(step_metrics: list[dict[str, Any]], first_step: int, workdir: str,
+                  keys: tuple[str, ...]) -> None:
+    """Stops the run at the first step with a non-finite metric of `keys`, naming the step and
+    the metric; the checkpoints written before it stay."""
     for offset, metrics in enumerate(step_metrics):
-        value = float(metrics[key])
-        if not np.isfinite(value):
-            checkpointer.close()
-            what = "training loss" if key == "train/loss" else key
+        for key in keys:
+            value = float(metrics[key])
+            if np.isfinite(value):
+                continue
+            what = {"train/loss": "training loss",
+                    "train/param_norm": "parameter norm after the update"}.get(key, key)
             advice = ("lower the learning rate or set config.optimizer.skip_nonfinite=True to "
-                      "skip such updates" if key == "train/loss" else "lower the learning rate")
+                      "skip such updates" if len(keys) > 1 else "lower the learning rate")
             raise FloatingPointError(
                 f"Non-finite {what} ({value}) at step {first_step + offset}. The last good "
                 f"checkpoint in {workdir} is kept; {advice}.")
@@ -230,7 +240,8 @@ def _init_params(config: ml_collections.ConfigDict, model: Model) -> Any:
         image_size=config.image_size, head_kernel_init=model.head_kernel_init,
         head_bias_init=model.head_bias_init, num_heads=dims.num_heads)
     wanted = {"patch_size": dims.patch_size, "width": dims.width, "depth": dims.depth,
-              "mlp_dim": dims.mlp_dim, "num_heads": dims.num_heads, "pool_type": model.pool_type}
+              "mlp_dim": dims.mlp_dim, "num_heads": dims.num_heads, "pool_type": model.pool_type,
+              "posemb": model.posemb}
     mismatched = {k: (loaded.get(k), v) for k, v in wanted.items() if loaded.get(k) != v}
     if mismatched:
         raise ValueError(f"config.init {config.init!r} does not match config.model: "

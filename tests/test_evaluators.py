@@ -306,6 +306,29 @@ def test_holdout_with_no_usable_example_raises_instead_of_reporting_zeros():
         HoldoutEvaluator(model, losses.sigmoid_xent, config, shardings, MESH).evaluate(params)
 
 
+def test_holdout_evaluator_rejects_a_missing_holdout_or_other_classes_before_training():
+    # Both once surfaced only at the first evaluation, a whole eval interval into the run.
+    import ml_collections
+
+    from configs import common
+    from coyo_vit.evaluators.holdout import HoldoutEvaluator
+
+    shards = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "coyo_shards" / "shards"
+    model, _, shardings = _model(1000)
+
+    def config(holdout_files: int) -> ml_collections.ConfigDict:
+        return ml_collections.ConfigDict(dict(
+            eval_every_steps=1, eval_batch_size=8,
+            input=common.input_config(files=str(shards / "*.tfrecord"), pp_train="decode",
+                                      pp_eval="decode|resize(16)|coyo_labels('threshold', 0.1)",
+                                      shuffle_buffer=8, holdout_files=holdout_files).to_dict()))
+
+    with pytest.raises(ValueError, match="no holdout"):
+        HoldoutEvaluator(model, losses.sigmoid_xent, config(0), shardings, MESH)
+    with pytest.raises(ValueError, match="labels over 21841 classes but the model has 1000"):
+        HoldoutEvaluator(model, losses.sigmoid_xent, config(1), shardings, MESH)
+
+
 def test_a_configured_holdout_evaluator_may_not_shadow_the_built_in_one():
     import ml_collections
 

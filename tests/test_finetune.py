@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from checkpoints.orbax_io import CHECKPOINT_SUBDIR
 from tests.test_classification_data import VAL_LABELS, VAL_NAMES, write_imagenet2012
 
@@ -53,3 +55,20 @@ def test_finetune_tf_checkpoint_new_resolution_and_classes(tmp_path):
     for name in ("val/top1", "val/top5", "real/top1"):
         assert abs(evaluated["results"][name] - [r for r in records if name in r][-1][name]) < 1e-6, name
     assert "val/top1" in result.stdout  # the printed table
+
+
+def test_fine_tuning_init_with_another_position_embedding_is_named():
+    # A learned-posemb checkpoint into a sincos2d model once failed deep inside init_state with a
+    # pytree-structure error that never said why.
+    import ml_collections
+
+    from coyo_vit.models import Model
+    from coyo_vit.train_loop import _init_params
+
+    fixture = REPO.parent / "shared" / "fixtures" / "coyo_vit_tf" / "pretrain"
+    kwargs = dict(patch_size=8, width=64, depth=2, mlp_dim=128, num_heads=4, pool_type="tok",
+                  rep_size=None)
+    config = ml_collections.ConfigDict(dict(init=str(fixture), num_classes=1000, image_size=48))
+    assert _init_params(config, Model(num_classes=1000, **kwargs)) is not None
+    with pytest.raises(ValueError, match="posemb checkpoint=learn config=sincos2d"):
+        _init_params(config, Model(num_classes=1000, posemb="sincos2d", **kwargs))

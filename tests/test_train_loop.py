@@ -187,11 +187,41 @@ def test_sigterm_checkpoints_current_step_and_resume_finishes(tmp_path, demo_dir
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
 
 
-def test_nonfinite_loss_stops_naming_the_step_and_keeps_good_checkpoints(tmp_path, demo_dir):
+def test_nonfinite_update_stops_naming_the_step_and_is_never_checkpointed(tmp_path, demo_dir):
+    # The loss of a step is that of the parameters before its update: an update that overflows
+    # has a finite loss. Checkpointing every step, such a step was once saved with NaN
+    # parameters, and every resume restored them and failed again.
     workdir = tmp_path / "diverged"
     result = _run(_train_cmd(workdir, demo_dir, "--config.schedule.base_lr=1e30",
-                             "--config.optimizer.grad_clip_norm=0"))
+                             "--config.optimizer.grad_clip_norm=0",
+                             "--config.checkpoint_every_steps=1"))
     assert result.returncode != 0
-    assert "Non-finite training loss" in result.stderr
+    assert "Non-finite parameter norm after the update" in result.stderr, result.stderr[-2000:]
     bad_step = int(result.stderr.split(") at step ")[1].split(".")[0])
-    assert all(s < bad_step for s in _finished_steps(workdir))
+    finished = _finished_steps(workdir)
+    assert all(s < bad_step for s in finished)
+    if finished:
+        params, _ = restore_params(str(workdir))
+        assert all(np.isfinite(np.asarray(leaf)).all() for leaf in jax_leaves(params))
+
+
+def test_a_failing_evaluation_does_not_cost_the_checkpoint_of_its_step(tmp_path, demo_dir):
+    # An evaluator whose data is gone fails when it first runs, at a step that also saves.
+    config = tmp_path / "broken_eval_config.py"
+    config.write_text(
+        "from configs import demo\n\n\n"
+        "def get_config(arg=None):\n"
+        "    config = demo.get_config(arg)\n"
+        "    config.evals = {'gone': dict(type='classification', every_steps=4, batch_size=16,\n"
+        "                                 data=dict(files='/nonexistent/coyo-*.tfrecord'),\n"
+        "                                 pp=\"decode|resize(32)|coyo_labels('threshold', 0.1)\")}\n"
+        "    return config\n")
+    workdir = tmp_path / "broken_eval"
+    cmd = _train_cmd(workdir, demo_dir)
+    cmd[cmd.index("--config") + 1] = str(config)
+    result = _run(cmd)
+    assert result.returncode != 0
+    assert "/nonexistent/coyo-*.tfrecord" in result.stderr, result.stderr[-2000:]
+    assert _finished_steps(workdir) == [4]
+    assert not [p.name for p in (workdir / "checkpoints").iterdir() if "tmp" in p.name]
+    assert json.load(open(workdir / "checkpoints" / "4" / "meta" / "metadata"))["step"] == 4

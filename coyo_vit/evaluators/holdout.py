@@ -28,15 +28,20 @@ class HoldoutEvaluator:
         self._local_batch = sharding.check_batch_size(config.eval_batch_size, mesh, jax.process_count())
         self._batch_sharding = sharding.batch_sharding(mesh)
         self._step = make_eval_step(model, loss_fn, params_shardings, self._batch_sharding)
+        # Built (not read) here, so a missing holdout or a pp_eval that does not fit the model
+        # fails before training starts rather than at the first evaluation.
+        import input_pipeline.pipeline as pipeline  # TensorFlow only where data is read
+        self._data = pipeline.build_eval_dataset(
+            config.input, split="holdout", batch_size=self._local_batch,
+            process_index=jax.process_index(), process_count=jax.process_count())
+        classes = self._data.element_spec["labels"].shape[-1]
+        if model.num_classes and classes != model.num_classes:
+            raise ValueError(f"config.input.pp_eval makes labels over {classes} classes but the "
+                             f"model has {model.num_classes}: {config.input.pp_eval!r}")
 
     def evaluate(self, params: Any, prefix: str | None = None) -> dict[str, float]:
-        import input_pipeline.pipeline as pipeline  # TensorFlow only where data is read
-
-        data = pipeline.build_eval_dataset(
-            self._config.input, split="holdout", batch_size=self._local_batch,
-            process_index=jax.process_index(), process_count=jax.process_count())
         totals: dict[str, jax.Array] | None = None
-        for local in data.as_numpy_iterator():
+        for local in self._data.as_numpy_iterator():
             sums = self._step(params, to_global({k: local[k] for k in ("image", "labels", "_mask")},
                                                 self._batch_sharding))
             totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
