@@ -3,8 +3,8 @@
 Same contract as `input_pipeline.pipeline` (the COYO shards), so the train loop and evaluators
 treat both alike:
 
-- `build_train_dataset(...)`: endless batches {image f32 [b,H,W,3], labels f32 [b,C],
-  _index int64 [b]}. The raw example stream of a process depends only on the seed; `_index` is
+- `build_train_dataset(...)`: endless batches {image [b,H,W,3] (uint8, or float32 after a
+  float op such as value_range), labels f32 [b,C], _index int64 [b]}. The raw example stream of a process depends only on the seed; `_index` is
   each example's position in it, augmentation seeds come from (seed, process_index, _index),
   and `start_position=max(_index) + 1` of the last consumed batch resumes exactly after it.
 - `build_eval_dataset(...)`: one pass of batches {image, labels, label int32 [b],
@@ -53,7 +53,7 @@ from input_pipeline import imagefolder, pp_parser
 from input_pipeline import ops_classification  # noqa: F401  (registers `onehot`)
 from input_pipeline.dataset_common import (as_dict, check_int, check_keys, check_process,
                                              check_reading_options, check_seed, dataset_options,
-                                             model_inputs, pad_batch)
+                                             model_inputs, pad_batch, shuffle_by_seed)
 
 SOURCES = ("tfds", "imagefolder")
 _DATA_KEYS = {
@@ -375,7 +375,7 @@ class _TfdsSource:
             seed = tf.random.stateless_uniform(
                 [], tf.random.experimental.stateless_fold_in(shuffle_seed, e), minval=None,
                 maxval=None, dtype=tf.int64)
-            return base.shuffle(cfg.shuffle_buffer, seed=seed)
+            return shuffle_by_seed(base, cfg.shuffle_buffer, seed)
 
         start_epoch, skip = divmod(start_position, length)
         ds = tf.data.Dataset.range(start_epoch, _INT64_MAX).flat_map(epoch)

@@ -64,6 +64,24 @@ def dataset_options(ram_budget_gb: float | None) -> tf.data.Options:
     return options
 
 
+def shuffle_by_seed(ds: tf.data.Dataset, buffer_size: int, seed: tf.Tensor) -> tf.data.Dataset:
+    """`ds.shuffle(buffer_size, seed=seed)` in an order that depends on `seed` alone.
+
+    Dataset.shuffle combines its seed with the global one (tf.random.set_seed, which launchers
+    and keras.utils.set_random_seed call): the data order, and so a resume, would depend on it.
+    The global seed reaches the op through its graph's seed, so call this where the dataset is
+    built in a graph (a flat_map or interleave function, as the pipelines do).
+    """
+    graph = tf.compat.v1.get_default_graph()
+    if tf.executing_eagerly():
+        raise RuntimeError("shuffle_by_seed must build its dataset inside a dataset function")
+    saved, graph.seed = graph.seed, None
+    try:
+        return ds.shuffle(buffer_size, seed=seed)
+    finally:
+        graph.seed = saved
+
+
 def pad_batch(batch: dict[str, tf.Tensor], batch_size: int) -> dict[str, tf.Tensor]:
     """Pads a (last, partial) batch to batch_size with zeros / "" ; padded rows have _mask False."""
     missing = batch_size - tf.shape(batch["_mask"])[0]

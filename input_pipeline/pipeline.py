@@ -31,7 +31,7 @@ import tensorflow as tf
 from input_pipeline import damage, pp_parser, sources
 from input_pipeline.dataset_common import (as_dict, check_int, check_keys, check_process,
                                              check_reading_options, check_seed, dataset_options,
-                                             model_inputs, pad_batch)
+                                             model_inputs, pad_batch, shuffle_by_seed)
 
 _INT64_MAX = 2**63 - 1
 # Constants folded into the seed so each use of randomness gets its own stream.
@@ -95,7 +95,8 @@ def build_train_dataset(input_config: Any, *, batch_size: int, seed: int, proces
                         process_count: int = 1, start_position: int = 0,
                         skip_counts: bool = False, epoch_length: int | None = None
                         ) -> tf.data.Dataset:
-    """Endless batches {image f32 [b,H,W,3], labels f32 [b,C], _index int64 [b]} for this process.
+    """Endless batches {image [b,H,W,3], labels f32 [b,C], _index int64 [b]} for this process;
+    images are uint8 unless the pp ends in a float op such as value_range (then float32).
 
     `_index` counts raw records of this process's stream, so max(_index) + 1 of the last batch a
     trainer consumed is the `start_position` that resumes right after it (skipped records just
@@ -119,12 +120,15 @@ def build_train_dataset(input_config: Any, *, batch_size: int, seed: int, proces
     mine = _training_sources(cfg, process_index, process_count)
 
     base_seed = tf.constant([seed, process_index], tf.int64)
-    process = _record_processor(pp_parser.parse(cfg.pp_train), "pp_train", _exclusion(cfg),
-                                cfg.strict, base_seed)
+    process = _record_processor(cfg.pp_train, "pp_train", _exclusion(cfg), cfg.strict, base_seed)
+    if not cfg.strict:
+        _check_records_process(mine, process, cfg.pp_train)
     raw, start_epoch = _raw_train_stream(mine, base_seed, cfg, start_position, epoch_length)
     ds = raw.map(process, num_parallel_calls=cfg.num_parallel_calls, deterministic=True)
     if not cfg.strict:
-        ds = ds.ignore_errors()  # every failure already has a reason; this is only a safety net
+        # Drops records that are not a tf.Example or whose image does not decode (counted as
+        # `unreadable` by SkipCounter); every other problem has a reason and reaches the scan.
+        ds = ds.ignore_errors()
     ds = ds.scan(_SkipScan.initial(start_epoch), _SkipScan.step)
     ds = ds.filter(lambda ex: tf.equal(ex["_reason"], 0))
     dropped = {"_reason", "_epoch"} | (set() if skip_counts else {"_skipped"})
@@ -147,12 +151,46 @@ def train_epoch_length(input_config: Any, *, process_index: int = 0, process_cou
                                  allow_damaged=not cfg.strict, read_payloads=read_payloads)
 
 
+# Records of the first files tried through the record processor before training starts.
+_PROBE_RECORDS = 32
+
+
+def _check_records_process(mine: list[sources.FileSlice], process: Callable, pp: str) -> None:
+    """Raises if the first records of this process's files all fail in the record processor.
+
+    Outside strict mode a record whose processing raises is dropped before the skip-count scan,
+    so a pp that fails on every record (a central_crop larger than every image, ...) would leave
+    the endless stream spinning with no example and no error. Data damaged that thoroughly is
+    reported here too. Reads the first records in file order, unshuffled: no buffer to fill.
+    """
+    probe = tf.data.Dataset.from_tensor_slices(
+        (tf.constant([s.path for s in mine]), tf.constant([s.start for s in mine], tf.int64)))
+    probe = probe.interleave(
+        lambda path, start: sources.read_file_records(
+            path, {"_epoch": tf.constant(0, tf.int64)}).skip(start),
+        cycle_length=min(4, len(mine)), block_length=1)
+    iterator = iter(probe.enumerate().take(_PROBE_RECORDS).map(process))
+    errors = []
+    for _ in range(_PROBE_RECORDS):
+        try:
+            next(iterator)
+            return  # processed (possibly as a skip with a reason): the stream makes progress
+        except StopIteration:
+            return
+        except tf.errors.OpError as e:
+            errors.append(e.message)
+    raise ValueError(f"pp_train failed on each of the first {len(errors)} records of "
+                     f"{mine[0].path} and the files after it, so training would wait forever for "
+                     f"an example. pp_train: {pp!r}. The first error: {errors[0][:2000]}")
+
+
 def _training_sources(cfg: InputConfig, process_index: int, process_count: int
                       ) -> list[sources.FileSlice]:
     """This process's training files (round-robin after the holdout), with clear errors."""
     check_process(process_index, process_count)
     train_sources, _ = sources.split_holdout(sources.list_files(_files_spec(cfg)),
-                                             cfg.holdout_files, cfg.holdout_examples)
+                                             cfg.holdout_files, cfg.holdout_examples,
+                                             allow_damaged=not cfg.strict)
     mine = train_sources[process_index::process_count]
     if not mine:
         raise ValueError(f"process_index={process_index} of process_count={process_count} gets no "
@@ -188,7 +226,8 @@ def build_eval_dataset(input_config: Any, *, split: str = "holdout", batch_size:
         if not (cfg.holdout_files or cfg.holdout_examples):
             raise ValueError("split='holdout' but the input config has no holdout: set "
                              "holdout.files or holdout.examples, or use split='all'")
-        _, eval_sources = sources.split_holdout(files, cfg.holdout_files, cfg.holdout_examples)
+        _, eval_sources = sources.split_holdout(files, cfg.holdout_files, cfg.holdout_examples,
+                                                allow_damaged=not cfg.strict)
     elif split == "all":
         eval_sources = [sources.FileSlice(f) for f in files]
     else:
@@ -198,8 +237,7 @@ def build_eval_dataset(input_config: Any, *, split: str = "holdout", batch_size:
         raise ValueError(f"eval split {split!r} has no records in {len(eval_sources)} files")
     num_batches = math.ceil(math.ceil(total / process_count) / batch_size)
 
-    process = _record_processor(pp_parser.parse(cfg.pp_eval), "pp_eval", _exclusion(cfg),
-                                cfg.strict)
+    process = _record_processor(cfg.pp_eval, "pp_eval", _exclusion(cfg), cfg.strict)
     no_positive = damage.code("no_positive_label")
 
     def to_eval(ex: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
@@ -297,7 +335,7 @@ def _raw_train_stream(mine: list[sources.FileSlice], base_seed: tf.Tensor, cfg: 
         epoch_shuffle_seed = tf.random.stateless_uniform(
             [], tf.random.experimental.stateless_fold_in(shuffle_seed, epoch), minval=None,
             maxval=None, dtype=tf.int64)
-        return records.shuffle(cfg.shuffle_buffer, seed=epoch_shuffle_seed)
+        return shuffle_by_seed(records, cfg.shuffle_buffer, epoch_shuffle_seed)
 
     # Whole epochs are skipped arithmetically (one header count of this process's files, unless
     # the caller knows the exact length); only the rest of the last epoch is read through, and it
@@ -337,14 +375,15 @@ def _exclusion(cfg: InputConfig) -> Callable[[dict[str, tf.Tensor]], tf.Tensor] 
     return lambda features: tf.equal(table.lookup(features[field]), 1)
 
 
-def _record_processor(preprocess: Callable, pp_name: str,
+def _record_processor(pp: str, pp_name: str,
                       excluded: Callable[[dict[str, tf.Tensor]], tf.Tensor] | None, strict: bool,
                       base_seed: tf.Tensor | None = None) -> Callable:
-    """Maps a raw record to {image, labels, _reason, ...}.
+    """Maps a raw record to {image, labels, _reason, ...} with the pp string `pp`.
 
     `_reason` is 0 for a usable example, else the code of the first problem found (damage.py):
     a damaged file, an excluded key, missing or non-image bytes, bad label lists (all checked
-    without running the pp, which is skipped for them), or a label mode that keeps no label.
+    without running the pp, which is skipped for them; labels against the class count of the
+    pp's `coyo_labels`), or a label mode that keeps no label.
     `image` and `labels` are zeros when skipped. With `base_seed`, random pp ops get their seed
     from (base_seed, index).
 
@@ -354,6 +393,10 @@ def _record_processor(preprocess: Callable, pp_name: str,
     mode each try is isolated (damage.try_apply, about 1 ms a record) so the error can name the
     file and record; strict mode then fails on every damage reason.
     """
+    preprocess = pp_parser.parse(pp)
+    label_classes = min([op["num_classes"] for op in pp_parser.op_arguments(pp, "coyo_labels")],
+                        default=damage.NUM_CLASSES)
+
     def to_model_inputs(features: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         return model_inputs(preprocess(features), pp_name, "coyo_labels")
 
@@ -372,7 +415,7 @@ def _record_processor(preprocess: Callable, pp_name: str,
             (excluded(features) if excluded else tf.constant(False), "excluded"),
             (tf.equal(tf.strings.length(data), 0), "no_image"),
             (tf.logical_not(damage.looks_like_image(data)), "not_an_image"),
-            *damage.label_conditions(features["labels"], features["label_probs"]),
+            *damage.label_conditions(features["labels"], features["label_probs"], label_classes),
         ])
         if index is not None:
             features["rng"] = tf.random.experimental.stateless_fold_in(base_seed, index)

@@ -62,8 +62,20 @@ def _split_ops(pp: str) -> list[ast.expr]:
     return nodes
 
 
-def _build_op(node: ast.expr, pp: str) -> registry.OpFn:
-    """Looks the op up in the registry and calls its factory with the literal arguments."""
+def op_arguments(pp: str, name: str) -> list[dict[str, Any]]:
+    """Every argument, defaults included, of each op `name` in `pp`, left to right (nothing is
+    built): e.g. the class count a `coyo_labels(...)` op checks labels against."""
+    calls = []
+    for node in _split_ops(pp):
+        if _op_name(node, pp) == name:
+            bound = _bind(node, pp)[1]
+            bound.apply_defaults()
+            calls.append(dict(bound.arguments))
+    return calls
+
+
+def _bind(node: ast.expr, pp: str) -> tuple[str, inspect.BoundArguments]:
+    """The op's registered name and its literal arguments bound to its factory's signature."""
     name, args, kwargs = _op_name(node, pp), [], {}
     if isinstance(node, ast.Call):
         args = [_literal(a, name, pp) for a in node.args]
@@ -73,10 +85,17 @@ def _build_op(node: ast.expr, pp: str) -> registry.OpFn:
             kwargs[kw.arg] = _literal(kw.value, name, pp)
     factory = registry.get(name)
     try:
-        inspect.signature(factory).bind(*args, **kwargs)
+        return name, inspect.signature(factory).bind(*args, **kwargs)
     except TypeError as e:
         raise ValueError(f"pp op {name!r} got bad arguments {_show(args, kwargs)}: {e}; "
                          f"signature: {name}{inspect.signature(factory)}") from None
+
+
+def _build_op(node: ast.expr, pp: str) -> registry.OpFn:
+    """Looks the op up in the registry and calls its factory with the literal arguments."""
+    name, bound = _bind(node, pp)
+    factory = registry.get(name)
+    args, kwargs = bound.args, bound.kwargs
     try:
         return factory(*args, **kwargs)
     except (TypeError, ValueError) as e:

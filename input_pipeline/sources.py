@@ -249,14 +249,14 @@ def read_exclusion_list(path: str) -> tuple[str, list[str]]:
     return lines[0].strip(), lines[1:]
 
 
-def split_holdout(files: Sequence[str], holdout_files: int = 0, holdout_examples: int = 0
-                  ) -> tuple[list[FileSlice], list[FileSlice]]:
+def split_holdout(files: Sequence[str], holdout_files: int = 0, holdout_examples: int = 0,
+                  allow_damaged: bool = False) -> tuple[list[FileSlice], list[FileSlice]]:
     """Splits sorted files into (train_sources, holdout_sources).
 
     The holdout is the first `holdout_files` files, then the first `holdout_examples` records of
     the files after them. A file split in two appears in training as FileSlice(path, start=n),
     so training skips exactly its leading holdout records. Only the files the example count
-    reaches are opened.
+    reaches are opened; a truncated one raises unless `allow_damaged` (see count_file_records).
     """
     for name, value in (("holdout_files", holdout_files), ("holdout_examples", holdout_examples)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
@@ -271,7 +271,7 @@ def split_holdout(files: Sequence[str], holdout_files: int = 0, holdout_examples
     for i, path in enumerate(rest):
         if needed == 0:
             return [FileSlice(f) for f in rest[i:]], holdout
-        n = count_file_records(path)
+        n = count_file_records(path, allow_damaged)
         if needed < n:
             holdout.append(FileSlice(path, 0, needed))
             return [FileSlice(path, needed)] + [FileSlice(f) for f in rest[i + 1:]], holdout

@@ -254,6 +254,15 @@ def test_an_all_skipped_stream_raises_instead_of_spinning_forever(damaged, tmp_p
         next(iter(ds))
 
 
+def test_a_pp_that_fails_on_every_record_raises_before_training_instead_of_hanging():
+    # Such records are dropped before the epoch guard sees them: the stream once spun forever.
+    pp = 'decode|central_crop(4000)|coyo_labels("soft")'
+    with pytest.raises(ValueError, match=r"pp_train failed on each of the first 32 records(.|\n)*"
+                                         r"image is smaller than the crop"):
+        pipeline.build_train_dataset(_config(str(SHARDS / "*.tfrecord"), pp_train=pp),
+                                     batch_size=1, seed=0)
+
+
 # ------------------------------------------------------------------ training, strict mode
 
 
@@ -293,6 +302,44 @@ def test_strict_mode_does_not_stop_for_a_label_mode_that_keeps_no_label():
                      pp_train=PP_TRAIN.replace('"soft"', '"threshold", 0.99'))
     with pytest.raises(tf.errors.InvalidArgumentError, match="whole epoch"):
         next(iter(pipeline.build_train_dataset(config, batch_size=1, seed=0)))
+
+
+def test_labels_are_checked_against_the_class_count_of_the_pps_label_op(damaged):
+    # With coyo_labels(num_classes=N) below 21,841, a label in [N, 21841) once passed the check
+    # and failed the op's assert: skipped as `unreadable`, or in strict mode reported as an
+    # undecodable image.
+    records = damaged["good"][:10]
+    top = [max(tf.train.Example.FromString(r).features.feature["labels"].int64_list.value)
+           for r in records]
+    classes = sorted(top)[len(top) // 2]  # half the records have a label >= classes
+    assert 0 < sum(t >= classes for t in top) < len(top)
+    path = _write(damaged["root"] / "ten.tfrecord", records)
+    pp = PP_TRAIN.replace('"soft"', f'"soft", num_classes={classes}')
+    kept = sum(t < classes for t in top)
+    batches, counter = _train(_config(path, pp_train=pp), kept)
+    assert [_key_of(b) for b in batches] == [_key(r) for r, t in zip(records, top) if t < classes]
+    last_kept = max(i for i, t in enumerate(top) if t < classes)  # counted up to it
+    assert _nonzero(counter.totals()) == {
+        "label_out_of_range": sum(t >= classes for t in top[:last_kept])}
+    errors = _strict_errors(_config(path, pp_train=pp, strict=True), 1 + top.index(
+        next(t for t in top if t >= classes)))
+    assert errors and "input.strict: label_out_of_range in" in errors[0]
+
+
+def test_a_holdout_of_examples_counts_a_truncated_file_like_the_stream(damaged, tmp_path):
+    # holdout.examples counts records from the headers; a truncated file once raised there,
+    # stopping training although damaged data is otherwise skipped and counted.
+    truncated = damaged["files"]["truncated"]  # 3 good records, then the damage
+    shard = str(SHARDS / "00001.tfrecord")
+    config = _config(f"{truncated},{shard}", holdout={"examples": 2})
+    batches, counter = _train(config, 3)
+    assert [int(b["_index"][0]) for b in batches] == [0, 2, 3]  # the file's 3rd record, then the shard
+    assert _nonzero(counter.totals()) == {"damaged_file": 1}
+    held_out = list(pipeline.build_eval_dataset(config, split="holdout", batch_size=4)
+                    .as_numpy_iterator())
+    assert sum(int(b["_mask"].sum()) for b in held_out) == 2
+    with pytest.raises(ValueError, match="truncated|past the end"):
+        pipeline.build_train_dataset({**config, "strict": True}, batch_size=1, seed=0)
 
 
 def test_strict_must_be_a_bool():

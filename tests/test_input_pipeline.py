@@ -175,6 +175,18 @@ def test_same_seed_same_batches_other_seed_other_order(key_of):
     assert keys_a != keys_c
 
 
+def test_order_does_not_depend_on_a_global_tf_seed():
+    # Dataset.shuffle folds tf.random.set_seed into its seed: a launcher that set one once
+    # changed the data order, and a resume without it would not continue the same stream.
+    a = _take(pipeline.build_train_dataset(_config(), batch_size=8, seed=3), 3)
+    tf.random.set_seed(1)
+    try:
+        b = _take(pipeline.build_train_dataset(_config(), batch_size=8, seed=3), 3)
+    finally:
+        tf.random.set_seed(None)
+    _assert_same_batches(a, b)
+
+
 def test_random_crops_do_not_depend_on_parallelism():
     serial = _take(pipeline.build_train_dataset(
         _config(num_parallel_calls=1, prefetch=0), batch_size=4, seed=1), 6)

@@ -86,6 +86,16 @@ def test_pp_unknown_op_names_it_and_lists_registered_ops():
         pp_parser.parse("decode|resize_big(3)")
 
 
+def test_pp_op_arguments_include_defaults_and_build_nothing():
+    pp = "decode|coyo_labels('topk', 3)|resize(8)|coyo_labels('soft', num_classes=1000)"
+    calls = pp_parser.op_arguments(pp, "coyo_labels")
+    assert [(c["mode"], c["arg"], c["num_classes"]) for c in calls] == [
+        ("topk", 3, ops_labels.NUM_COYO_CLASSES), ("soft", None, 1000)]
+    assert pp_parser.op_arguments(pp, "flip_lr") == []
+    with pytest.raises(ValueError, match="'resize' got bad arguments"):
+        pp_parser.op_arguments("resize(1, 2, 3, 4, 5, 6)", "resize")
+
+
 @pytest.mark.parametrize("pp, pattern", [
     ("decode|resize(0)", r"'resize'.*positive int"),
     ("resize(1, 2, 3, 4, 5, 6)", r"'resize' got bad arguments.*signature: resize\("),
