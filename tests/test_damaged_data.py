@@ -329,8 +329,10 @@ def test_labels_are_checked_against_the_class_count_of_the_pps_label_op(damaged)
 def test_a_holdout_of_examples_counts_a_truncated_file_like_the_stream(damaged, tmp_path):
     # holdout.examples counts records from the headers; a truncated file once raised there,
     # stopping training although damaged data is otherwise skipped and counted.
-    truncated = damaged["files"]["truncated"]  # 3 good records, then the damage
-    shard = str(SHARDS / "00001.tfrecord")
+    truncated = tmp_path / "a_truncated.tfrecord"  # sorted first: the holdout starts in it
+    truncated.write_bytes(Path(damaged["files"]["truncated"]).read_bytes())  # 3 good, then damage
+    shard = tmp_path / "b_good.tfrecord"
+    shard.write_bytes((SHARDS / "00001.tfrecord").read_bytes())
     config = _config(f"{truncated},{shard}", holdout={"examples": 2})
     batches, counter = _train(config, 3)
     assert [int(b["_index"][0]) for b in batches] == [0, 2, 3]  # the file's 3rd record, then the shard
