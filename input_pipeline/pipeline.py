@@ -122,7 +122,7 @@ def build_train_dataset(input_config: Any, *, batch_size: int, seed: int, proces
     base_seed = tf.constant([seed, process_index], tf.int64)
     process = _record_processor(cfg.pp_train, "pp_train", _exclusion(cfg), cfg.strict, base_seed)
     if not cfg.strict:
-        _check_records_process(mine, process, cfg.pp_train)
+        _check_records_process(mine, process, cfg)
     raw, start_epoch = _raw_train_stream(mine, base_seed, cfg, start_position, epoch_length)
     ds = raw.map(process, num_parallel_calls=cfg.num_parallel_calls, deterministic=True)
     if not cfg.strict:
@@ -155,7 +155,8 @@ def train_epoch_length(input_config: Any, *, process_index: int = 0, process_cou
 _PROBE_RECORDS = 32
 
 
-def _check_records_process(mine: list[sources.FileSlice], process: Callable, pp: str) -> None:
+def _check_records_process(mine: list[sources.FileSlice], process: Callable, cfg: InputConfig
+                           ) -> None:
     """Raises if the first records of this process's files all fail in the record processor.
 
     Outside strict mode a record whose processing raises is dropped before the skip-count scan,
@@ -163,25 +164,21 @@ def _check_records_process(mine: list[sources.FileSlice], process: Callable, pp:
     the endless stream spinning with no example and no error. Data damaged that thoroughly is
     reported here too. Reads the first records in file order, unshuffled: no buffer to fill.
     """
-    probe = tf.data.Dataset.from_tensor_slices(
-        (tf.constant([s.path for s in mine]), tf.constant([s.start for s in mine], tf.int64)))
-    probe = probe.interleave(
-        lambda path, start: sources.read_file_records(
-            path, {"_epoch": tf.constant(0, tf.int64)}).skip(start),
-        cycle_length=min(4, len(mine)), block_length=1)
+    probe = _read_slices(mine, cfg).map(lambda raw: {**raw, "_epoch": tf.constant(0, tf.int64)})
     iterator = iter(probe.enumerate().take(_PROBE_RECORDS).map(process))
     errors = []
-    for _ in range(_PROBE_RECORDS):
+    while True:
         try:
             next(iterator)
             return  # processed (possibly as a skip with a reason): the stream makes progress
         except StopIteration:
-            return
+            break
         except tf.errors.OpError as e:
             errors.append(e.message)
-    raise ValueError(f"pp_train failed on each of the first {len(errors)} records of "
-                     f"{mine[0].path} and the files after it, so training would wait forever for "
-                     f"an example. pp_train: {pp!r}. The first error: {errors[0][:2000]}")
+    if errors:
+        raise ValueError(f"pp_train failed on each of the first {len(errors)} records of "
+                         f"{mine[0].path} and the files after it, so training would wait forever "
+                         f"for an example. pp_train: {cfg.pp_train!r}. The first error: {errors[0][:2000]}")
 
 
 def _training_sources(cfg: InputConfig, process_index: int, process_count: int

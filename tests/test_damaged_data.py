@@ -254,12 +254,16 @@ def test_an_all_skipped_stream_raises_instead_of_spinning_forever(damaged, tmp_p
         next(iter(ds))
 
 
-def test_a_pp_that_fails_on_every_record_raises_before_training_instead_of_hanging():
+def test_a_pp_that_fails_on_every_record_raises_before_training_instead_of_hanging(damaged):
     # Such records are dropped before the epoch guard sees them: the stream once spun forever.
     pp = 'decode|central_crop(4000)|coyo_labels("soft")'
     with pytest.raises(ValueError, match=r"pp_train failed on each of the first 32 records(.|\n)*"
                                          r"image is smaller than the crop"):
         pipeline.build_train_dataset(_config(str(SHARDS / "*.tfrecord"), pp_train=pp),
+                                     batch_size=1, seed=0)
+    # Fewer records than the probe reads, all failing: the same error, not a silent pass.
+    with pytest.raises(ValueError, match=r"pp_train failed on each of the first 3 records"):
+        pipeline.build_train_dataset(_config(damaged["files"]["undecodable_jpeg"], pp_train=pp),
                                      batch_size=1, seed=0)
 
 
