@@ -23,15 +23,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
-import numpy as np
 import tensorflow as tf
 
 from input_pipeline import damage, pp_parser, sources
 from input_pipeline.dataset_common import (as_dict, check_int, check_keys, check_process,
                                              check_reading_options, check_seed, dataset_options,
                                              model_inputs, pad_batch, shuffle_by_seed)
+# SkipCounter is part of this module's API: the trainer finds it here, next to the datasets.
+from input_pipeline.skip_accounting import SkipCounter as SkipCounter
+from input_pipeline.skip_accounting import SkipScan
 
 _INT64_MAX = 2**63 - 1
 # Constants folded into the seed so each use of randomness gets its own stream.
@@ -129,7 +131,7 @@ def build_train_dataset(input_config: Any, *, batch_size: int, seed: int, proces
         # Drops records that are not a tf.Example or whose image does not decode (counted as
         # `unreadable` by SkipCounter); every other problem has a reason and reaches the scan.
         ds = ds.ignore_errors()
-    ds = ds.scan(_SkipScan.initial(start_epoch), _SkipScan.step)
+    ds = ds.scan(SkipScan.initial(start_epoch), SkipScan.step)
     ds = ds.filter(lambda ex: tf.equal(ex["_reason"], 0))
     dropped = {"_reason", "_epoch"} | (set() if skip_counts else {"_skipped"})
     ds = ds.batch(batch_size, drop_remainder=True)
@@ -253,53 +255,6 @@ def build_eval_dataset(input_config: Any, *, split: str = "holdout", batch_size:
     empty = tf.nest.map_structure(lambda s: tf.zeros(s.shape, s.dtype), ds.element_spec)
     ds = ds.concatenate(tf.data.Dataset.from_tensors(empty).repeat()).take(num_batches)
     return ds.prefetch(cfg.prefetch).with_options(dataset_options(cfg.ram_budget_gb))
-
-
-class SkipCounter:
-    """Per-reason totals of skipped training records, across resumes: the trainer's hook.
-
-    Build the train dataset with `skip_counts=True` and the same `start_position`, call
-    `update(host_batch)` for every batch consumed; `totals()` goes into the checkpoint metadata
-    and back into `SkipCounter(position, restored)` on resume, `scalars()` into the metric writer.
-    Reasons are `damage.SKIP_REASONS` plus `unreadable`: records that are not a tf.Example or whose
-    image does not decode, found as the `_index` gaps the other counts do not explain. Counts are
-    exact: a record skipped after a batch's last example is counted with the next batch, and a
-    resumed run reads it again from `start_position`.
-    """
-
-    REASONS = damage.SKIP_REASONS + ("unreadable",)
-
-    def __init__(self, start_position: int = 0, restored: Mapping[str, int] | None = None):
-        check_int(start_position, "start_position", 0)
-        unknown = sorted(set(restored or {}) - set(self.REASONS))
-        if unknown:
-            raise ValueError(f"restored skip counts have unknown reasons {unknown}; valid: "
-                             f"{', '.join(self.REASONS)}")
-        self._restored = {r: int((restored or {}).get(r, 0)) for r in self.REASONS}
-        self._start = start_position
-        self._position = start_position
-        self._examples = 0
-        self._counted = np.zeros(len(damage.SKIP_REASONS), np.int64)
-
-    def update(self, host_batch: Mapping[str, np.ndarray]) -> None:
-        """Takes in a consumed batch of a dataset built with skip_counts=True."""
-        if "_skipped" not in host_batch or "_index" not in host_batch:
-            raise KeyError("batch needs '_skipped' and '_index': build the train dataset with "
-                           "skip_counts=True")
-        index = np.asarray(host_batch["_index"])
-        self._examples += len(index)
-        self._position = int(index.max()) + 1
-        self._counted = np.asarray(host_batch["_skipped"])[-1].astype(np.int64)
-
-    def totals(self) -> dict[str, int]:
-        """Records skipped per reason since the first run started (restored counts included)."""
-        counted = dict(zip(damage.SKIP_REASONS, (int(n) for n in self._counted)))
-        counted["unreadable"] = (self._position - self._start - self._examples
-                                 - int(self._counted.sum()))
-        return {r: self._restored[r] + counted[r] for r in self.REASONS}
-
-    def scalars(self, prefix: str = "data/skipped/") -> dict[str, float]:
-        return {prefix + r: float(n) for r, n in self.totals().items()}
 
 
 def count_records(files: Any) -> int:
@@ -458,52 +413,6 @@ def _assert_not_damaged(reason: tf.Tensor, raw: dict[str, tf.Tensor]) -> tf.Tens
             return tf.identity(reason)
 
     return tf.cond(ok, lambda: reason, fail)
-
-
-class _SkipScan:
-    """tf.data scan state: cumulative skips per reason, and a guard against an all-skip stream.
-
-    Without the guard, a stream in which every record is skipped (shards without labels, a
-    threshold no label reaches) would spin forever on the endless repeat, looking like a hang.
-    A whole epoch (not the first, possibly partial, one) without an example is an error instead.
-    """
-
-    @staticmethod
-    def initial(start_epoch: int) -> tuple[tf.Tensor, ...]:
-        return (tf.zeros([len(damage.SKIP_REASONS)], tf.int64),    # skips since start
-                tf.constant(start_epoch, tf.int64),                 # epoch of the last record
-                tf.constant(start_epoch, tf.int64),                 # first (partial) epoch
-                tf.constant(0, tf.int64))                           # examples in that epoch
-
-    @staticmethod
-    @tf.autograph.experimental.do_not_convert
-    def step(state: tuple[tf.Tensor, ...], ex: dict[str, tf.Tensor]
-             ) -> tuple[tuple[tf.Tensor, ...], dict[str, tf.Tensor]]:
-        counts, epoch, first_epoch, kept = state
-        new_epoch = tf.not_equal(ex["_epoch"], epoch)
-        empty_epoch = new_epoch & tf.not_equal(epoch, first_epoch) & tf.equal(kept, 0)
-
-        def fail() -> tf.Tensor:  # in a cond, so the message is only built when it is needed
-            summary = tf.strings.reduce_join(tf.strings.join(
-                [tf.constant(list(damage.SKIP_REASONS)), tf.strings.as_string(counts)], "="),
-                separator=", ")
-            message = tf.strings.join([
-                "input: a whole epoch of this process's training records gave no example. "
-                "Records skipped so far by reason: ", summary, ". Shards without labels need "
-                "python -m input_pipeline.join_labels; otherwise check the label mode and run "
-                "python -m input_pipeline.validate_shards"])
-            with tf.control_dependencies([tf.debugging.Assert(False, [message])]):
-                return tf.zeros([], tf.int64)
-
-        guard = tf.cond(empty_epoch, fail, lambda: tf.zeros([], tf.int64))
-        is_skip = tf.not_equal(ex["_reason"], 0)
-        # one_hot of -1 is all zeros: usable examples add nothing. `guard` is 0; adding it makes
-        # the check run before any count is reported.
-        counts = counts + tf.one_hot(ex["_reason"] - 1, len(damage.SKIP_REASONS),
-                                     dtype=tf.int64) + guard
-        kept = tf.where(new_epoch, tf.constant(0, tf.int64), kept) + tf.cast(
-            tf.logical_not(is_skip), tf.int64)
-        return (counts, ex["_epoch"], first_epoch, kept), {**ex, "_skipped": counts}
 
 
 def _files_spec(cfg: InputConfig) -> str | list[str]:
