@@ -144,9 +144,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
                     # the parameters before the update, so the parameter norm after it is checked
                     # too; with skip_nonfinite a bad step kept the last finite parameters, so only
                     # they are checked.
-                    _check_finite(host_metrics, step - len(pending) + 1, workdir,
-                                  ("train/param_norm",) if skip_nonfinite
-                                  else ("train/loss", "train/param_norm"))
+                    _check_finite(host_metrics, step - len(pending) + 1, workdir, skip_nonfinite)
                 if log_now:
                     scalars = {k: float(np.sum(v) if k == "train/skipped_nonfinite" else np.nanmean(v))
                                for k, v in jax.tree.map(lambda *xs: np.stack(xs), *host_metrics).items()}
@@ -212,21 +210,21 @@ def make_evaluators(config: ml_collections.ConfigDict, *, model: Model, mesh: ja
 
 
 def _check_finite(step_metrics: list[dict[str, Any]], first_step: int, workdir: str,
-                  keys: tuple[str, ...]) -> None:
-    """Stops the run at the first step with a non-finite metric of `keys`, naming the step and
-    the metric; the checkpoints written before it stay."""
+                  skip_nonfinite: bool) -> None:
+    """Stops the run at the first step with a non-finite loss or parameter norm (only the norm
+    with skip_nonfinite), naming the step and the metric; earlier checkpoints stay."""
+    keys = ("train/param_norm",) if skip_nonfinite else ("train/loss", "train/param_norm")
+    advice = ("lower the learning rate" if skip_nonfinite else "lower the learning rate or set "
+              "config.optimizer.skip_nonfinite=True to skip such updates")
     for offset, metrics in enumerate(step_metrics):
         for key in keys:
             value = float(metrics[key])
-            if np.isfinite(value):
-                continue
-            what = {"train/loss": "training loss",
-                    "train/param_norm": "parameter norm after the update"}.get(key, key)
-            advice = ("lower the learning rate or set config.optimizer.skip_nonfinite=True to "
-                      "skip such updates" if len(keys) > 1 else "lower the learning rate")
-            raise FloatingPointError(
-                f"Non-finite {what} ({value}) at step {first_step + offset}. The last good "
-                f"checkpoint in {workdir} is kept; {advice}.")
+            if not np.isfinite(value):
+                what = {"train/loss": "training loss",
+                        "train/param_norm": "parameter norm after the update"}[key]
+                raise FloatingPointError(
+                    f"Non-finite {what} ({value}) at step {first_step + offset}. The last good "
+                    f"checkpoint in {workdir} is kept; {advice}.")
 
 
 def _init_params(config: ml_collections.ConfigDict, model: Model) -> Any:
