@@ -193,15 +193,8 @@ def crop_only_dataset(files: Sequence[str], batch: int, cycle_length: int, image
     from input_pipeline import registry
 
     crop = registry.get("decode_jpeg_and_inception_crop")(image_size, area_min=5)
-    seed = tf.constant([0, 0], tf.int64)
-
-    def decode_and_crop(index: tf.Tensor, serialized: tf.Tensor) -> tf.Tensor:
-        rng = tf.random.experimental.stateless_fold_in(seed, index)
-        return crop({"jpg": _jpeg_bytes(serialized), "rng": rng})["image"]
-
-    ds = _interleaved_records(files, cycle_length).enumerate()
-    ds = ds.map(decode_and_crop, num_parallel_calls=tf.data.AUTOTUNE)
-    return ds.ignore_errors().batch(batch).prefetch(2)
+    return _seeded_records(files, batch, cycle_length,
+                           lambda jpg, rng: crop({"jpg": jpg, "rng": rng})["image"])
 
 
 def crop_decode_dataset(files: Sequence[str], batch: int, cycle_length: int
@@ -210,18 +203,26 @@ def crop_decode_dataset(files: Sequence[str], batch: int, cycle_length: int
     tf.image.decode_and_crop_jpeg and reduced to their size: crop_only minus the resize."""
     from input_pipeline import ops_image
 
-    seed = tf.constant([0, 0], tf.int64)
-
-    def decode_window(index: tf.Tensor, serialized: tf.Tensor) -> tf.Tensor:
-        rng = tf.random.experimental.stateless_fold_in(seed, index)
+    def decode_window(jpg: tf.Tensor, rng: tf.Tensor) -> tf.Tensor:
         # The crop op's own seed derivation, so the windows are crop_only's.
         op_seed = ops_image.op_seed({"rng": rng}, "decode_jpeg_and_inception_crop")
-        data = _jpeg_bytes(serialized)
-        window = ops_image.jpeg_crop_window(data, op_seed, area_min=5, area_max=100)
-        return tf.size(tf.image.decode_and_crop_jpeg(data, window, channels=3), out_type=tf.int64)
+        window = ops_image.jpeg_crop_window(jpg, op_seed, area_min=5, area_max=100)
+        return tf.size(tf.image.decode_and_crop_jpeg(jpg, window, channels=3), out_type=tf.int64)
+
+    return _seeded_records(files, batch, cycle_length, decode_window)
+
+
+def _seeded_records(files: Sequence[str], batch: int, cycle_length: int,
+                    fn: Callable[[tf.Tensor, tf.Tensor], tf.Tensor]) -> tf.data.Dataset:
+    """fn(jpg bytes, rng) of every record, read like `decode_dataset`, with the example seed the
+    train pipeline would give the record's position; records where fn fails are skipped."""
+    seed = tf.constant([0, 0], tf.int64)
+
+    def per_record(index: tf.Tensor, serialized: tf.Tensor) -> tf.Tensor:
+        return fn(_jpeg_bytes(serialized), tf.random.experimental.stateless_fold_in(seed, index))
 
     ds = _interleaved_records(files, cycle_length).enumerate()
-    ds = ds.map(decode_window, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.map(per_record, num_parallel_calls=tf.data.AUTOTUNE)
     return ds.ignore_errors().batch(batch).prefetch(2)
 
 
