@@ -5,8 +5,8 @@
 
 The checkpoint is anything `checkpoints.load` reads (a training workdir: its latest step; an
 orbax step; a coyo-vit TensorFlow checkpoint; a vit_jax / big_vision .npz). The model comes
-from the checkpoint itself, but for the speed options of `config.model` (attention_impl,
-attention_pad_multiple, gelu_recompute, fused_qkv), which the config sets; its position
+from the checkpoint itself, but for the speed options of `config.model` (`SPEED_OPTIONS`:
+attention_impl, attention_pad_multiple, gelu_recompute), which the config sets; its position
 embedding is resized to `config.image_size` when that differs. Every entry of `config.evals`
 runs (or those named by --evals), whatever its every_steps. The digits demo's folder is written
 if its root is unset. Results: one row per metric on stdout, and {"checkpoint", "config",
@@ -29,9 +29,10 @@ from flax import linen as nn
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from coyo_vit import losses, runtime, sharding
-from coyo_vit.evaluators.registry import build_evaluators
 from coyo_vit.models import SPEED_OPTIONS, Model
+from coyo_vit.training import runtime, sharding
+from coyo_vit.training.evaluators.registry import build_evaluators
+from coyo_vit.training.step import get_loss
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file with `evals`, optionally with an argument: configs/X.py:arg=val.",
@@ -61,7 +62,7 @@ def load_sharded(path: str, image_size: int, mesh: jax.sharding.Mesh, rules, var
 
 def _write_demo_digits(config) -> None:
     """The digits demo's folder (deterministic, so any place will do): out_dir or a temp dir."""
-    from input_pipeline import demo_digits
+    from input_pipeline.demo import digits as demo_digits  # late: TensorFlow only for the demo
 
     out_dir = config.demo_digits.out_dir or os.path.join(tempfile.gettempdir(), "coyo_vit_digits")
     if jax.process_index() == 0:
@@ -106,7 +107,7 @@ def main(argv: list[str]) -> None:
     seconds: dict[str, float] = {}
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         evaluators = build_evaluators(evals, model=model, mesh=mesh, params_shardings=shardings,
-                                      loss_fn=losses.get_loss(config.loss))
+                                      loss_fn=get_loss(config.loss))
         for name, evaluator in evaluators.items():
             started = time.perf_counter()
             results.update(evaluator.evaluate(params))

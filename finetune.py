@@ -4,7 +4,7 @@ r"""Fine-tune a pretrained ViT (ours, coyo-vit TensorFlow, vision_transformer or
         --config.init=/ckpt/coyo_l16 --config.input.data.manual_dir=/data/imagenet
     python finetune.py --config configs/demo_finetune.py --workdir /tmp/coyo_vit_digits
 
-The same loop and flags as train.py (coyo_vit.train_loop). `config.init` is read by
+The same loop and flags as train.py (coyo_vit.training.loop). `config.init` is read by
 checkpoints.load, which replaces the head for `config.num_classes`, keeps or drops the
 pre-logits layer and resizes the position embeddings to `config.image_size`.
 """
@@ -14,9 +14,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # before anything imports Te
 
 from absl import app, flags  # noqa: E402
 
-from coyo_vit import cli  # noqa: E402
+from coyo_vit.training import run_config  # noqa: E402
 
-flags.adopt_module_key_flags(cli)  # --help lists --config, --workdir, ... (defined in cli.py)
+flags.adopt_module_key_flags(run_config)  # --help lists --config, --workdir, ... (defined there)
 
 if __name__ == "__main__":
-    app.run(lambda argv: cli.run(argv, require_init=True))
+    app.run(lambda argv: run_config.main(argv, require_init=True))

@@ -13,9 +13,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # before anything imports Te
 
 from absl import app, flags  # noqa: E402
 
-from coyo_vit import cli  # noqa: E402
+from coyo_vit.training import run_config  # noqa: E402
 
-flags.adopt_module_key_flags(cli)  # --help lists --config, --workdir, ... (defined in cli.py)
+flags.adopt_module_key_flags(run_config)  # --help lists --config, --workdir, ... (defined there)
 
 if __name__ == "__main__":
-    app.run(lambda argv: cli.run(argv, require_init=False))
+    app.run(lambda argv: run_config.main(argv, require_init=False))

@@ -7,7 +7,7 @@
     # CPU smoke run (MFU is n/a there):
     python -m benchmarks.accelerator --variant Ti/16 --batch 8 --image_size 32 --steps 2
 
-It times the real jit step of coyo_vit.train_step (with donation, the recipe's AdamW, sigmoid
+It times the real jit step of coyo_vit.training.step (with donation, the recipe's AdamW, sigmoid
 loss over 21,841 classes and pre-logits, from configs/coyo_pretrain.py) on a batch that lives on
 the device, so the figure is the step alone: no input pipeline, no host-to-device copy. This
 module must never import TensorFlow (the GPU host it runs on has none, and TF would reserve
@@ -35,14 +35,21 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from benchmarks import device_trace
+from benchmarks import device_trace, report
 from benchmarks import flops as flops_lib
-from benchmarks import report
 from configs import coyo_pretrain
-from coyo_vit import compiler_options, losses, optimizer, sharding
+from coyo_vit.class_names import NUM_COYO_CLASSES
 from coyo_vit.models import Model, count_params
 from coyo_vit.models.vit import ATTENTION_IMPLS, REMAT_POLICIES
-from coyo_vit.train_step import TrainState, init_state, make_train_step, state_shardings
+from coyo_vit.training import optimizer, sharding
+from coyo_vit.training.step import (
+    TrainState,
+    compiler_options_for_platform,
+    get_loss,
+    init_state,
+    make_train_step,
+    state_shardings,
+)
 
 DTYPES = ("float32", "bfloat16")
 
@@ -54,7 +61,7 @@ class StepBench:
     variant: str = "B/16"
     batch: int = 256
     image_size: int = 224
-    num_classes: int = 21841
+    num_classes: int = NUM_COYO_CLASSES
     rep_size: int | None = 1024
     depth: int | None = None  # blocks; None = the variant's (fewer: quick smoke runs)
     dtype: str = "bfloat16"
@@ -63,7 +70,6 @@ class StepBench:
     attention_impl: str = "auto"
     attention_pad_multiple: int | None = None  # None: the model's choice
     gelu_recompute: bool = True   # Model.gelu_recompute: tanh recomputed in the backward pass
-    fused_qkv: bool = False       # Model.fused_qkv: one q/k/v product
     warmup: int = 3
     steps: int = 20
     repeats: int = 3
@@ -95,7 +101,7 @@ def build(cfg: StepBench) -> Built:
     model_kwargs = dict(recipe.model.to_dict(), dtype=cfg.dtype, scan=cfg.scan,
                         remat_policy=cfg.remat_policy, attention_impl=cfg.attention_impl,
                         attention_pad_multiple=cfg.attention_pad_multiple,
-                        gelu_recompute=cfg.gelu_recompute, fused_qkv=cfg.fused_qkv,
+                        gelu_recompute=cfg.gelu_recompute,
                         rep_size=cfg.rep_size)
     if cfg.depth:
         model_kwargs["depth"] = cfg.depth
@@ -109,7 +115,7 @@ def build(cfg: StepBench) -> Built:
     with nn.logical_axis_rules(rules):
         abstract, shardings = state_shardings(model, tx, image_shape, mesh, rules)
     batch_sharding = sharding.batch_sharding(mesh)
-    step = make_train_step(model, tx, losses.get_loss(recipe.loss), shardings, batch_sharding,
+    step = make_train_step(model, tx, get_loss(recipe.loss), shardings, batch_sharding,
                            schedule)
     return Built(model, mesh, rules, abstract, shardings, batch_sharding, step, tx)
 
@@ -262,7 +268,7 @@ def run(cfg: StepBench, *, compile_only: bool = False, peak_flops_override: floa
         "platform": device.platform, "device_kind": device.device_kind,
         "num_devices": jax.device_count(), "chip": chip, "peak_flops_per_chip": peak,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "compiler_options": compiler_options.for_platform(device.platform),
+        "compiler_options": compiler_options_for_platform(device.platform),
         "params": count_params(built.abstract.params),
         "forward_macs_per_image": flops_lib.forward_macs_per_image(shape),
         "model_flops_per_step": flops_per_step,
@@ -323,8 +329,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--variant", default="B/16", help="ViT variant, e.g. Ti/16, B/16, L/16")
     parser.add_argument("--batch", type=int, default=256, help="global batch size")
     parser.add_argument("--image_size", type=int, default=224, help="resolution in pixels")
-    parser.add_argument("--num_classes", type=int, default=21841,
-                        help="classes of the head (COYO-Labeled-300M: 21841)")
+    parser.add_argument("--num_classes", type=int, default=NUM_COYO_CLASSES,
+                        help=f"classes of the head (COYO-Labeled-300M: {NUM_COYO_CLASSES})")
     parser.add_argument("--rep_size", type=int, default=1024,
                         help="pre-logits width as in the recipe; 0 = no pre-logits layer")
     parser.add_argument("--depth", type=int, default=0,
@@ -344,9 +350,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="Model.gelu_recompute (the default): the GELU's backward pass "
                              "recomputes tanh from its input instead of keeping it (one tensor less "
                              "per block)")
-    parser.add_argument("--fused_qkv", action="store_true",
-                        help="Model.fused_qkv: query, key and value as one product over the stacked "
-                             "kernels")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps after compiling")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per round")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds; the median is reported")
@@ -372,7 +375,7 @@ def config_from_args(args: argparse.Namespace) -> StepBench:
         dtype=args.dtype,
         scan=args.scan, remat_policy=args.remat,
         attention_impl=args.attention_impl, attention_pad_multiple=args.attention_pad_multiple or None,
-        gelu_recompute=args.gelu_recompute, fused_qkv=args.fused_qkv,
+        gelu_recompute=args.gelu_recompute,
         warmup=args.warmup, steps=args.steps, repeats=args.repeats,
         profile_dir=args.profile_dir, profile_steps=args.profile_steps, dump_hlo=args.dump_hlo)
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from benchmarks import report
 from benchmarks.fwd_bwd import RESULT_COLUMNS, bench, forward_backward, write_rows
-from coyo_vit.models.attention_backends import padded_dot_product_attention
+from coyo_vit.models.layers import padded_dot_product_attention
 from coyo_vit.models.vit import decode_variant
 
 Array = jax.Array

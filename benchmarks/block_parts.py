@@ -15,7 +15,8 @@ cost 10 ms a step there):
   block one [tokens, mlp_dim] tensor less written and read.
 - `qkv`: the query/key/value projections. `separate` is the model's three [D, H, D/H] einsums
   plus bias adds; `fused` concatenates the three kernels and biases and runs one matrix product
-  of three times the width (same parameters, so checkpoints would not change).
+  of three times the width (same parameters, so checkpoints would not change). Measured in the
+  whole step it gave nothing, and the model's option for it was removed (docs/performance.md).
 
 - `head`: the 21,841-class head on the pre-logits features (batch x 1024). `float32` is the
   model's (float32 operands, kept so bf16 rounding cannot move the logits near the -10 bias);
@@ -37,7 +38,8 @@ import numpy as np
 
 from benchmarks import report
 from benchmarks.fwd_bwd import RESULT_COLUMNS, bench, forward_backward, write_rows
-from coyo_vit.models.activations import gelu, gelu_recomputed
+from coyo_vit.class_names import NUM_COYO_CLASSES
+from coyo_vit.models.layers import gelu, gelu_recomputed
 from coyo_vit.models.vit import decode_variant
 
 Array = jax.Array
@@ -53,7 +55,7 @@ def mlp(activation: Callable[[Array], Array]) -> Callable[..., Array]:
 
 
 def qkv_separate(x, wq, bq, wk, bk, wv, bv):
-    """Three [D, H, K] projections, as attention.SplitHeadsDense computes each; stacked for the VJP."""
+    """Three [D, H, K] projections, as layers.SplitHeadsDense computes each; stacked for the VJP."""
     dtype = x.dtype
     return jnp.stack([jnp.einsum("...d,dhk->...hk", x, w.astype(dtype)) + b.astype(dtype)
                       for w, b in ((wq, bq), (wk, bk), (wv, bv))])
@@ -89,7 +91,7 @@ PARTS: dict[str, dict[str, Callable[..., Array]]] = {
 
 def part_inputs(part: str, tokens: tuple[int, int], width: int, mlp_dim: int, heads: int,
                 dtype: str, rng: np.random.Generator, rep_size: int = 1024,
-                classes: int = 21841) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+                classes: int = NUM_COYO_CLASSES) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
     """(inputs in `dtype` with float32 parameters, the same all in float32), cotangent last."""
     def normal(*shape, scale=1.0):
         return jnp.asarray(scale * rng.standard_normal(shape, dtype=np.float32))
@@ -128,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                              "as the model does on GPUs")
     parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
     parser.add_argument("--parts", default="mlp,qkv,head", help=f"comma-separated, of {sorted(PARTS)}")
-    parser.add_argument("--num_classes", type=int, default=21841, help="classes of the head part")
+    parser.add_argument("--num_classes", type=int, default=NUM_COYO_CLASSES, help="classes of the head part")
     parser.add_argument("--rep_size", type=int, default=1024, help="pre-logits width of the head part")
     parser.add_argument("--iters", type=int, default=20, help="timed calls; the median is reported")
     parser.add_argument("--out", default=None, help="write the rows as JSON here")

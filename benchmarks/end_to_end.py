@@ -3,7 +3,7 @@
     python -m benchmarks.end_to_end --out /tmp/end_to_end.json
     python -m benchmarks.end_to_end --steps 400 --log_every 50 --checkpoint_every 100
 
-`coyo_vit.train_loop.run` trains the demo config (configs/demo.py, its own img2dataset shards)
+`coyo_vit.training.loop.run` trains the demo config (configs/demo.py, its own img2dataset shards)
 in a temporary workdir: input pipeline, device prefetch, step, metric logging and orbax
 checkpoints, all as in a real run. Its rate is read back from the loop's own metrics.jsonl
 (`train/images_per_sec` of each log interval), leaving out the first interval, which holds the
@@ -32,9 +32,9 @@ from flax import linen as nn  # noqa: E402
 
 from benchmarks import accelerator, report  # noqa: E402
 from configs import demo  # noqa: E402
-from coyo_vit import losses, optimizer, sharding  # noqa: E402
-from coyo_vit.models import Model, pixels  # noqa: E402
-from coyo_vit.train_step import TrainState, make_train_step, state_shardings  # noqa: E402
+from coyo_vit.models import Model, layers  # noqa: E402
+from coyo_vit.training import optimizer, sharding  # noqa: E402
+from coyo_vit.training.step import TrainState, get_loss, make_train_step, state_shardings  # noqa: E402
 from input_pipeline import pp_parser  # noqa: E402
 
 
@@ -88,7 +88,7 @@ def loop_rate(workdir: str, batch: int, log_every: int) -> dict[str, Any]:
 
 def run_loop(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict[str, Any], TrainState]:
     """One full run of the real loop in `workdir`; its rate and the final state."""
-    from coyo_vit import train_loop  # imports TensorFlow (the input pipeline)
+    from coyo_vit.training import loop as train_loop  # late: imports TensorFlow (the input pipeline)
 
     started = time.perf_counter()
     state = train_loop.run(config, workdir)
@@ -117,7 +117,7 @@ class BareStep:
             _, shardings = state_shardings(model, tx, image_shape, self._mesh, self._rules)
         batch_sharding = sharding.batch_sharding(self._mesh)
         self._state = state
-        self._step = make_train_step(model, tx, losses.get_loss(config.loss), shardings, batch_sharding,
+        self._step = make_train_step(model, tx, get_loss(config.loss), shardings, batch_sharding,
                                      schedule, grad_accum_steps=config.get("grad_accum_steps", 1))
         self._batch_size = config.batch_size
 
@@ -125,7 +125,7 @@ class BareStep:
             accelerator.StepBench(batch=config.batch_size, image_size=config.image_size,
                                   num_classes=config.num_classes, seed=config.seed), batch_sharding)
         if image_dtype == "float32":  # the loop's pp ends in value_range: it sends floats
-            batch["image"] = jax.device_put(pixels.to_model_range(batch["image"]), batch_sharding)
+            batch["image"] = jax.device_put(layers.to_model_range(batch["image"]), batch_sharding)
         self._batch = batch
 
     def rate(self, steps: int, warmup: int) -> dict[str, float]:
@@ -146,7 +146,7 @@ class BareStep:
 
 def pipeline_image_dtype(config: ml_collections.ConfigDict) -> str:
     """The image dtype the loop's train pipeline sends: float32 after a value_range op, else uint8
-    (models/pixels.py); the bare step gets the same, so both run the same compiled step."""
+    (models/layers.py); the bare step gets the same, so both run the same compiled step."""
     return "float32" if "value_range" in pp_parser.op_names(config.input.pp_train) else "uint8"
 
 
@@ -166,7 +166,7 @@ def paired_ratios(loop: list[float], bare: list[float]) -> list[float]:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.end_to_end",
-        description="images/s of coyo_vit.train_loop.run on the demo config (pipeline, step, "
+        description="images/s of coyo_vit.training.loop.run on the demo config (pipeline, step, "
                     "logging, checkpoints) against the bare jit step of the same model and batch.")
     parser.add_argument("--steps", type=int, default=240, help="total steps of each loop run")
     parser.add_argument("--log_every", type=int, default=40, help="log interval (the first is not timed)")

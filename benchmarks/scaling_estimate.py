@@ -16,6 +16,7 @@ import math
 from collections.abc import Sequence
 
 from benchmarks.flops import ViTShape, peak_flops, train_flops_per_image
+from coyo_vit.class_names import NUM_COYO_CLASSES
 
 DATASET_IMAGES = 300_000_000
 NUM_SHARDS = 30_000  # img2dataset shards of ~10k images for the full set
@@ -33,7 +34,7 @@ EXTRA_PEAKS = {"TPU v3": 123e12}
 
 
 def estimate(variant: str, mfu: float, epochs: float, pp_per_core: float) -> list[dict]:
-    shape = ViTShape.from_variant(variant, image_size=224, num_classes=21841, rep_size=1024)
+    shape = ViTShape.from_variant(variant, image_size=224, num_classes=NUM_COYO_CLASSES, rep_size=1024)
     flops_per_image = train_flops_per_image(shape)
     images = epochs * DATASET_IMAGES
     rows = []

@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from benchmarks import report
+from coyo_vit.class_names import NUM_COYO_CLASSES
 
 _RESULT_MARK = "BENCHMARK_RESULT "
 ABLATIONS = ("scan", "remat", "bf16")
@@ -210,7 +211,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--remat_policy", default="full", help="the policy used when remat is on")
     parser.add_argument("--batch", type=int, default=8, help="batch size")
     parser.add_argument("--image_size", type=int, default=224, help="resolution in pixels")
-    parser.add_argument("--num_classes", type=int, default=21841, help="classes of the head")
+    parser.add_argument("--num_classes", type=int, default=NUM_COYO_CLASSES, help="classes of the head")
     parser.add_argument("--rep_size", type=int, default=1024, help="pre-logits width; 0 = none")
     parser.add_argument("--depth", type=int, default=0,
                         help="blocks of every model; 0 = each variant's own (fewer: smoke runs)")

@@ -11,6 +11,7 @@ complete, so a process killed mid-write never leaves a step that ``latest_step``
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Mapping
@@ -20,6 +21,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+
+from coyo_vit.models import Model
 
 STATE_ITEM = "state"
 META_ITEM = "meta"
@@ -133,7 +136,10 @@ def restore_params(path: str, prefer_ema: bool = True) -> tuple[dict[str, Any], 
     if "model" not in meta:
         raise ValueError(f"Checkpoint {str(step_dir)!r} has no model description in {META_ITEM}/.")
     logging.info("Restored %s from %s", item, step_dir)
-    return restored[item], dict(meta["model"])
+    # Fields a newer Model no longer has (e.g. the removed fused_qkv) are dropped, so an older
+    # checkpoint's description still builds a Model.
+    known = {f.name for f in dataclasses.fields(Model)}
+    return restored[item], {k: v for k, v in meta["model"].items() if k in known}
 
 
 def _resolve_step_dir(path: str) -> epath.Path | None:

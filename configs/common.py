@@ -1,23 +1,97 @@
-"""Pieces shared by the pretraining configs: the input, optimizer and run-control sections."""
+"""Pieces shared by the configs: argument parsing, the model, input, optimizer and run-control
+sections, and the class count."""
 from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import typing
+from typing import Any
 
 import ml_collections
 from ml_collections import config_dict
 
-NUM_COYO_CLASSES = 21841
+from coyo_vit.class_names import NUM_COYO_CLASSES  # noqa: F401  (configs read it from here)
+from coyo_vit.models import vit
+
+_BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
-def model_speed_options() -> dict:
-    """Model fields that change speed and memory, not the parameters or (but for rounding) the
-    values: listed in every config so `--config.model.NAME=...` can set them. What each does and
-    what it measured: coyo_vit.models.vit.Model and docs/performance.md."""
-    return dict(
-        attention_impl="auto",                    # auto (cuDNN on GPUs, else XLA), xla or cudnn
-        attention_pad_multiple=config_dict.placeholder(int),  # None = the model's choice; 1 = never
-        gelu_recompute=True,                      # GELU backward recomputes tanh: less memory, and on
-                                                  # GPUs bias + GELU fold into the GEMM
-        fused_qkv=False,                          # one q/k/v product over the stacked kernels
-    )
+def _did_you_mean(name: str, valid: Any) -> str:
+    close = difflib.get_close_matches(name, sorted(valid), n=1)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
+def parse_args(arg: str | None, defaults: dict[str, Any], bare: str | None = None) -> dict[str, Any]:
+    """A config's `k=v,k=v` argument (`configs/x.py:k=v,k=v`), each value typed as its default.
+
+    One parser for every config, so each takes the same syntax and fails the same way: an
+    unknown key lists the valid ones (and the closest), a value that does not parse as its
+    default's type (bool, int, float or str) names the key and the type. `bare` names the key an
+    item without `=` sets (`configs/demo.py:60` is `steps=60`).
+    """
+    args = dict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        key, sep, value = item.partition("=")
+        if not sep and bare is not None:
+            key, sep, value = bare, "=", key
+        key = key.strip()
+        if key not in defaults:
+            raise ValueError(f"Unknown config argument {key!r}; valid: {sorted(defaults)}."
+                             + _did_you_mean(key, defaults))
+        if not sep:
+            raise ValueError(f"Config argument {key!r} needs a value: {key}=<value>.")
+        args[key] = _typed(key, value.strip(), defaults[key])
+    return args
+
+
+def _typed(key: str, value: str, default: Any) -> Any:
+    """`value` as the type of `default`: bool, int or float; anything else stays a str."""
+    kind = type(default)
+    try:
+        if kind is bool:
+            return _BOOLS[value.lower()]
+        if kind in (int, float):
+            return kind(value)
+    except (KeyError, ValueError):
+        article = "an" if kind is int else "a"
+        raise ValueError(f"Config argument {key}={value!r} is not {article} {kind.__name__}.") from None
+    return value
+
+
+@functools.cache
+def _model_fields() -> dict[str, tuple[Any, type]]:
+    """Every `Model` field a config can set: name -> (the model's default, its type)."""
+    hints = typing.get_type_hints(vit.Model)
+    fields = {}
+    for field in dataclasses.fields(vit.Model):
+        if field.name in ("num_classes", "parent", "name"):  # num_classes: config.num_classes
+            continue
+        kinds = [t for t in typing.get_args(hints[field.name]) or (hints[field.name],)
+                 if isinstance(t, type) and t is not type(None)]
+        fields[field.name] = (field.default, kinds[0])
+    return fields
+
+
+def model_config(**changes: Any) -> ml_collections.ConfigDict:
+    """`config.model`: every field of coyo_vit.models.vit.Model at the model's own defaults,
+    updated by `changes`, which a config names only when it differs from them.
+
+    Listing every field is what lets `--config.model.<field>=...` set any of them on the command
+    line (ml_collections only overrides fields that exist); a field whose default is None is a
+    typed placeholder, so `--config.model.rep_size=768` parses as an int. The defaults live on
+    the model, so a changed default reaches every config.
+    """
+    fields = _model_fields()
+    unknown = sorted(set(changes) - set(fields))
+    if unknown:
+        raise ValueError(f"model_config() got unknown Model fields {unknown}; valid: {sorted(fields)}."
+                         + _did_you_mean(unknown[0], fields))
+    model = {}
+    for name, (default, kind) in fields.items():
+        value = changes.get(name, default)
+        model[name] = config_dict.placeholder(kind) if value is None else value
+    return ml_collections.ConfigDict(model)
 
 
 def input_config(*, files: str, pp_train: str, pp_eval: str, shuffle_buffer: int,
@@ -44,10 +118,11 @@ def run_control(config: ml_collections.ConfigDict, *, log_every: int, eval_every
     config.eval_every_steps = eval_every          # 0 disables holdout evaluation
     config.checkpoint_every_steps = checkpoint_every
     config.keep_checkpoints = keep
-    config.checkpoint_compression = False         # zstd: ~7% smaller, 2-3x slower writes
+    config.checkpoint_compression = False         # zstd: a little smaller, much slower writes
+                                                  # (docs/performance.md)
     config.device_prefetch = 2                    # global batches built ahead on the devices
     config.compilation_cache_dir = ""             # keep compiled steps here (path or gs://): restarts
                                                   # skip compiling; "" = JAX_COMPILATION_CACHE_DIR or none
     config.mesh = dict(data=-1, fsdp=1, model=1)  # -1 = all remaining devices
-    config.sharding_rules = None                  # None = coyo_vit.sharding.DEFAULT_RULES
+    config.sharding_rules = None                  # None = coyo_vit.training.sharding.DEFAULT_RULES
     config.param_sharding = []                    # [regex, placement] overrides, see sharding.param_shardings

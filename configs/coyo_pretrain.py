@@ -4,8 +4,8 @@ ViT-L/16 by default; other sizes by argument:
     python train.py --config configs/coyo_pretrain.py:variant=B/16 --workdir DIR \
         --config.input.data.files='/data/coyo/*.tfrecord'
 Recipe: 224px, global batch 4096, 7 epochs of 300M images, sigmoid cross-entropy summed over the
-21,841 classes (multi-hot of the labels with probability >= `threshold`, an argument: DESIGN.md
-does not fix the published value), AdamW (0.9, 0.999, 1e-7,
+21,841 classes (multi-hot of the labels with probability >= `threshold`, an argument, 0.1 by
+default: the published recipe does not fix it), AdamW (0.9, 0.999, 1e-7,
 wd 0.1), clip 1.0, warmup 10k steps to 6e-4 then linear to 1e-5, pre-logits 1024 (tanh),
 class-token pooling, no dropout, head zeros / bias -10, bfloat16 activations.
 """
@@ -19,12 +19,8 @@ DATASET_IMAGES = 300_000_000
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    args = dict(variant="L/16", epochs=7, batch=4096, res=224, threshold=0.1, files="")
-    for item in filter(None, (arg or "").split(",")):
-        key, _, value = item.partition("=")
-        if key not in args:
-            raise ValueError(f"Unknown config argument {key!r}; valid: {sorted(args)}.")
-        args[key] = type(args[key])(value) if args[key] != "" else value
+    args = common.parse_args(arg, dict(variant="L/16", epochs=7, batch=4096, res=224,
+                                       threshold=0.1, files=""))
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.num_classes = common.NUM_COYO_CLASSES
@@ -33,10 +29,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.grad_accum_steps = 1
     config.total_steps = int(args["epochs"] * DATASET_IMAGES / args["batch"])
     config.loss = "sigmoid_xent"
-    config.model = dict(variant=args["variant"], pool_type="tok", rep_size=1024, dropout=0.0,
-                        head_kernel_init=0.0, head_bias_init=-10.0, dtype="bfloat16",
-                        scan=False, remat_policy="none",
-                        **common.model_speed_options())
+    config.model = common.model_config(variant=args["variant"], rep_size=1024, head_bias_init=-10.0,
+                                       dtype="bfloat16")
     labels = f"coyo_labels('threshold', {args['threshold']})"
     config.input = common.input_config(
         files=args["files"],

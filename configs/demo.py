@@ -2,6 +2,7 @@
 
     python train.py --config configs/demo.py --workdir /tmp/coyo_demo
     python train.py --config configs/demo.py:60 --workdir /tmp/coyo_demo_short   # 60 steps
+                                                     # (configs/demo.py:steps=60 alike)
 
 The data (img2dataset TFRecord shards, written on first use into WORKDIR/demo_data, or
 `--config.demo_data.out_dir`) holds ~10 drawn concepts, each labeled with a real ImageNet-21k
@@ -16,7 +17,7 @@ from configs import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    steps = int(arg) if arg else 1200
+    steps = common.parse_args(arg, dict(steps=1200), bare="steps")["steps"]
     if steps < 2:
         raise ValueError(f"configs/demo.py:STEPS needs at least 2 steps, got {steps}")
     config = ml_collections.ConfigDict()
@@ -28,10 +29,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.grad_accum_steps = 1
     config.total_steps = steps
     config.loss = "sigmoid_xent"
-    config.model = dict(patch_size=8, width=96, depth=4, mlp_dim=192, num_heads=4, pool_type="tok",
-                        rep_size=None, dropout=0.0, head_kernel_init=0.0, head_bias_init=-10.0,
-                        dtype="float32", scan=False, remat_policy="none",
-                        **common.model_speed_options())
+    config.model = common.model_config(patch_size=8, width=96, depth=4, mlp_dim=192, num_heads=4,
+                                       head_bias_init=-10.0)
     labels = "coyo_labels('threshold', 0.1)"
     config.input = common.input_config(
         files="",  # filled in with the demo data directory

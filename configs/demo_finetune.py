@@ -6,12 +6,13 @@
 `config.init` defaults to /tmp/coyo_vit_demo (the README's pretraining workdir; its latest
 checkpoint is used). The digits (scikit-learn's 1,797 8x8 images, enlarged to 32px RGB PNGs:
 1,437 train, 360 test) are written on first use into WORKDIR/digits or
-`--config.demo_digits.out_dir`, by input_pipeline.demo_digits.ensure_digits_folder; the loop
+`--config.demo_digits.out_dir`, by input_pipeline.demo.digits.ensure_digits_folder; the loop
 then sets `config.input.data.root` (the evaluators share that field). The 21,841-class head is
 replaced by a zero-initialised 10-class one and trained with the ImageNet recipe's optimizer
 (SGD momentum 0.9, clip 1.0, cosine, softmax cross-entropy), without augmentation (a crop
-cuts strokes off 8x8 digits). Argument: steps (default 1500). Evaluators: `val` (top-1 on the
-test split) and `fewshot` (1/5/10-shot linear probes of the current features).
+cuts strokes off 8x8 digits). Argument: steps (default 1500; `:300` or `:steps=300`).
+Evaluators: `val` (top-1 on the test split) and `fewshot` (1/5/10-shot linear probes of the
+current features).
 
 Measured with finetune.py on 2 shared CPU cores, from the 1,200-step demo pretraining:
 val/top1 0.12 before training, 0.69 at step 500, 0.78 at 1,500 (3 minutes; 10-shot probe
@@ -31,7 +32,7 @@ DEMO_PRETRAIN_WORKDIR = "/tmp/coyo_vit_demo"
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    steps = int(arg) if arg else 1500
+    steps = common.parse_args(arg, dict(steps=1500), bare="steps")["steps"]
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.init = config_dict.placeholder(str)
@@ -45,10 +46,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.loss = "softmax_xent"
     # configs/demo.py's model with a new head: checkpoints.load(init, num_classes=10,
     # rep_size=None, image_size=32) adapts the pretrained parameters to it.
-    config.model = dict(patch_size=8, width=96, depth=4, mlp_dim=192, num_heads=4, pool_type="tok",
-                        rep_size=None, dropout=0.0, head_kernel_init=0.0, head_bias_init=0.0,
-                        dtype="float32", scan=False, remat_policy="none",
-                        **common.model_speed_options())
+    config.model = common.model_config(patch_size=8, width=96, depth=4, mlp_dim=192, num_heads=4)
     root = config_dict.FieldReference("", field_type=str)  # filled in with the digits folder
     digits = dict(name="imagefolder", root=root)
     labels = f"onehot({NUM_CLASSES})"

@@ -1,9 +1,9 @@
-"""A 2-point learning-rate sweep over a small demo run: the worked example of coyo_vit.sweep.
+"""A 2-point learning-rate sweep over a small demo run: the worked example of coyo_vit.tools.sweep.
 
     python train.py --config configs/demo.py --workdir /tmp/coyo_vit_demo      # pretrain once
-    python -m coyo_vit.sweep --config configs/demo_sweep.py:mode=finetune --entry finetune.py \
+    python -m coyo_vit.tools.sweep --config configs/demo_sweep.py:mode=finetune --entry finetune.py \
         --workdir_root /tmp/coyo_vit_ft_sweep --parallel 2 --metric val/top1
-    python -m coyo_vit.sweep --config configs/demo_sweep.py --workdir_root /tmp/coyo_vit_sweep \
+    python -m coyo_vit.tools.sweep --config configs/demo_sweep.py --workdir_root /tmp/coyo_vit_sweep \
         --parallel 2 --metric holdout/prec@1                                  # needs nothing
 
 Arguments (comma-separated key=value):
@@ -26,7 +26,8 @@ import tempfile
 
 import ml_collections
 
-from coyo_vit.sweep_expand import sweep
+from configs import common
+from coyo_vit.tools.sweep_expand import sweep
 
 MODES = ("pretrain", "finetune")
 DEFAULT_STEPS = {"pretrain": 150, "finetune": 200}
@@ -35,28 +36,20 @@ SHARED_DATA_DIR = os.path.join(tempfile.gettempdir(), "coyo_vit_demo_sweep_data"
 SHARED_DIGITS_DIR = os.path.join(tempfile.gettempdir(), "coyo_vit_demo_sweep_digits")
 
 
-def parse_args(arg: str | None) -> tuple[str, int]:
-    """(mode, steps) from `mode=...,steps=...`; unknown keys and modes name the valid ones."""
-    values = {"mode": "pretrain", "steps": ""}
-    for item in filter(None, (arg or "").split(",")):
-        key, _, value = item.partition("=")
-        if key not in values:
-            raise ValueError(f"Unknown config argument {key!r}; valid: {sorted(values)}.")
-        values[key] = value
-    mode = values["mode"]
+def mode_and_steps(arg: str | None) -> tuple[str, int]:
+    """(mode, steps) from `mode=...,steps=...`; steps 0 (the default) is the mode's own."""
+    args = common.parse_args(arg, dict(mode="pretrain", steps=0))
+    mode = args["mode"]
     if mode not in MODES:
         raise ValueError(f"mode={mode!r} is not one of {MODES}")
-    try:
-        steps = int(values["steps"]) if values["steps"] else DEFAULT_STEPS[mode]
-    except ValueError:
-        raise ValueError(f"steps={values['steps']!r} is not an int") from None
+    steps = args["steps"] or DEFAULT_STEPS[mode]
     if steps < 2:
         raise ValueError(f"steps must be >= 2 (a checkpoint at steps/2 and one at the end), got {steps}")
     return mode, steps
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    mode, steps = parse_args(arg)
+    mode, steps = mode_and_steps(arg)
     half = steps // 2
     if mode == "finetune":
         from configs import demo_finetune
@@ -88,5 +81,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 
 def get_sweep(arg: str | None = None) -> list[dict]:
-    mode, _ = parse_args(arg)
+    mode, _ = mode_and_steps(arg)
     return sweep("config.schedule.base_lr", LEARNING_RATES[mode])

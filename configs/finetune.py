@@ -25,21 +25,6 @@ DEFAULTS = dict(dataset="", folder="", classes=0, res=224, steps=10_000, batch=5
                 mixup=0.0, smoothing=0.0)
 
 
-def parse_args(arg: str | None, defaults: dict) -> dict:
-    """`k=v,k=v` against typed defaults; an unknown key lists the valid ones."""
-    args = dict(defaults)
-    for item in filter(None, (arg or "").split(",")):
-        key, _, value = item.partition("=")
-        if key not in args:
-            raise ValueError(f"Unknown config argument {key!r}; valid: {sorted(args)}.")
-        try:
-            args[key] = type(args[key])(value)
-        except ValueError:
-            raise ValueError(f"Config argument {key}={value!r} is not a "
-                             f"{type(args[key]).__name__}.") from None
-    return args
-
-
 def onehot_pp(classes: int, smoothing: float) -> str:
     """The pp op making `labels`; with smoothing eps: on = 1 - eps + eps/C, off = eps/C."""
     if not smoothing:
@@ -49,7 +34,7 @@ def onehot_pp(classes: int, smoothing: float) -> str:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    args = parse_args(arg, DEFAULTS)
+    args = common.parse_args(arg, DEFAULTS)
     if bool(args["dataset"]) == bool(args["folder"]):
         raise ValueError("give exactly one of dataset=<TFDS name> or folder=<image folder root>")
     if args["classes"] < 2:
@@ -65,10 +50,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.grad_accum_steps = 1
     config.total_steps = args["steps"]
     config.loss = "softmax_xent"
-    config.model = dict(variant=args["variant"], pool_type="tok", rep_size=None, dropout=0.0,
-                        head_kernel_init=0.0, head_bias_init=0.0, dtype="bfloat16", scan=False,
-                        remat_policy="none",
-                        **common.model_speed_options())
+    config.model = common.model_config(variant=args["variant"], dtype="bfloat16")
     if args["dataset"]:
         source = dict(name="tfds", tfds_name=args["dataset"], data_dir=config_dict.placeholder(str),
                       manual_dir=config_dict.placeholder(str))

@@ -4,8 +4,8 @@
         --workdir DIR --config.init=/ckpt/coyo_l16_pretrain \
         --config.input.data.data_dir=/data/tfds --config.input.data.manual_dir=/data/imagenet
 
-Recipe (DESIGN.md): 384 or 512px, batch 512, 20k steps (8 epochs; the sweep is lr {0.06, 0.03,
-0.01} x steps {20k, 40k}), SGD momentum 0.9, no weight decay, global-norm clip 1.0, cosine
+Recipe (kakaobrain/coyo-vit's): 384 or 512px, batch 512, 20k steps (8 epochs; the sweep is lr
+{0.06, 0.03, 0.01} x steps {20k, 40k}), SGD momentum 0.9, no weight decay, global-norm clip 1.0, cosine
 schedule with 500 warmup steps, softmax cross-entropy, pre-logits dropped, a new zero-initialised
 head, position embeddings resized bilinearly to the new grid (`checkpoints.load(init,
 num_classes=1000, rep_size=None, image_size=res)`), EMA of the parameters with decay 0.9999 for
@@ -23,14 +23,14 @@ import ml_collections
 from ml_collections import config_dict
 
 from configs import common
-from configs.finetune import parse_args
+from coyo_vit.class_names import NUM_IMAGENET1K_CLASSES as NUM_CLASSES
 
-NUM_CLASSES = 1000
 RECIPE_EMA = {512: 0.9999}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    args = parse_args(arg, dict(variant="L/16", res=384, steps=20_000, lr=0.03, batch=512, ema=-1.0))
+    args = common.parse_args(arg, dict(variant="L/16", res=384, steps=20_000, lr=0.03, batch=512,
+                                       ema=-1.0))
     res = args["res"]
     if res not in (384, 512):
         raise ValueError(f"res must be 384 or 512 (the published runs), got {res}")
@@ -45,10 +45,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.grad_accum_steps = 1
     config.total_steps = args["steps"]
     config.loss = "softmax_xent"
-    config.model = dict(variant=args["variant"], pool_type="tok", rep_size=None, dropout=0.0,
-                        head_kernel_init=0.0, head_bias_init=0.0, dtype="bfloat16", scan=False,
-                        remat_policy="none",
-                        **common.model_speed_options())
+    config.model = common.model_config(variant=args["variant"], dtype="bfloat16")
     data_dir, manual_dir = config_dict.placeholder(str), config_dict.placeholder(str)
     imagenet = dict(name="tfds", tfds_name="imagenet2012", data_dir=data_dir, manual_dir=manual_dir)
     labels = f"onehot({NUM_CLASSES})"
@@ -86,7 +83,7 @@ def get_sweep(arg: str | None = None) -> list[dict]:
 
     12 points; 512px turns EMA on by this config's own rule. See docs/experiments.md.
     """
-    from coyo_vit.sweep_expand import product, sweep
+    from coyo_vit.tools.sweep_expand import product, sweep
     return product([sweep("arg.res", [384, 512]),
                     sweep("config.schedule.base_lr", [0.06, 0.03, 0.01]),
                     sweep("config.total_steps", [20_000, 40_000])])

@@ -12,10 +12,16 @@ import functools
 import io
 from importlib import resources
 
+# Class counts, spelled once: configs, the label ops, the damage checks and the evaluators
+# import them from here (this module imports nothing of the project, so anything may).
+NUM_IMAGENET21K_CLASSES = 21841
+NUM_IMAGENET1K_CLASSES = 1000
+NUM_COYO_CLASSES = NUM_IMAGENET21K_CLASSES  # COYO-Labeled-300M labels index the 21k synsets
+
 IMAGENET21K = "imagenet21k"
 IMAGENET1K = "imagenet1k"
 _FILES = {IMAGENET21K: "imagenet21k_classes.tsv", IMAGENET1K: "imagenet1k_classes.tsv"}
-_SIZES = {21841: IMAGENET21K, 1000: IMAGENET1K}
+_SIZES = {NUM_IMAGENET21K_CLASSES: IMAGENET21K, NUM_IMAGENET1K_CLASSES: IMAGENET1K}
 
 
 @dataclasses.dataclass(frozen=True)

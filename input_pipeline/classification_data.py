@@ -49,11 +49,23 @@ from typing import Any, Mapping
 
 import tensorflow as tf
 
-from input_pipeline import imagefolder, pp_parser
-from input_pipeline import ops_classification  # noqa: F401  (registers `onehot`)
-from input_pipeline.dataset_common import (as_dict, check_int, check_keys, check_process,
-                                             check_reading_options, check_seed, dataset_options,
-                                             model_inputs, pad_batch, shuffle_by_seed)
+from coyo_vit.config_keys import check_keys
+from input_pipeline import (
+    imagefolder,
+    ops_classification,  # noqa: F401  (registers `onehot`)
+    pp_parser,
+)
+from input_pipeline.dataset_common import (
+    as_dict,
+    check_int,
+    check_process,
+    check_reading_options,
+    check_seed,
+    dataset_options,
+    model_inputs,
+    pad_batch,
+    shuffle_by_seed,
+)
 
 SOURCES = ("tfds", "imagefolder")
 _DATA_KEYS = {
@@ -82,6 +94,8 @@ class DataSpec:
 
     @classmethod
     def from_config(cls, data: Any) -> "DataSpec":
+        if isinstance(data, cls):
+            return data
         values = as_dict(data, "input config 'data'")
         name = values.get("name")
         if name not in SOURCES:
@@ -115,6 +129,8 @@ class ClassificationInputConfig:
 
     @classmethod
     def from_config(cls, config: Any) -> "ClassificationInputConfig":
+        if isinstance(config, cls):  # already parsed (a run parses its input once)
+            return config
         values = as_dict(config, "input config")
         check_keys(values, _INPUT_KEYS, "input config")
         data = DataSpec.from_config(values.pop("data", None))

@@ -15,14 +15,14 @@ Reasons, in the order they are checked (a record is counted under the first that
   no_image            neither `jpg` (img2dataset) nor `image` (TFDS) holds bytes
   not_an_image        the bytes do not start like a JPEG, PNG, GIF, BMP or WebP file
   no_labels           no `labels`, or an empty list (validator: `missing_labels`, `empty_labels`)
-  label_out_of_range  a label outside [0, 21841)
+  label_out_of_range  a label outside [0, NUM_CLASSES) (the 21,841 COYO classes)
   label_length_mismatch  `labels` and `label_probs` differ in length
   undecodable_image   the image bytes look right but do not decode (pipeline: or preprocessing
                       failed on them)
   no_positive_label   the label mode kept no label, e.g. none above the threshold (pipeline only;
                       not damage: it is how `coyo_labels(..., drop_empty=True)` filters)
 `not_an_example` and `undecodable_image` can only be found by trying to parse or decode. Training
-(default mode) lets those records fail and drops them, and `pipeline.SkipCounter` reports them
+(default mode) lets those records fail and drops them, and `skip_accounting.SkipCounter` reports them
 together as `unreadable`; strict mode isolates each try (`try_apply`) to name them.
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ from typing import Any, Callable
 import numpy as np
 import tensorflow as tf
 
-from input_pipeline.ops_labels import NUM_COYO_CLASSES as NUM_CLASSES
+from coyo_vit.class_names import NUM_COYO_CLASSES as NUM_CLASSES
 
 # Pipeline reasons, in check order. Their positions are the codes used in-graph (0 = usable).
 SKIP_REASONS = ("damaged_file", "not_an_example", "excluded", "no_image", "not_an_image",

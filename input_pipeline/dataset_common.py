@@ -2,7 +2,7 @@
 reading, argument checks, tf.data options, and padding of the last eval batch."""
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import tensorflow as tf
@@ -15,12 +15,6 @@ def as_dict(value: Any, what: str) -> dict[str, Any]:
     if not isinstance(value, Mapping):
         raise TypeError(f"{what} must be a ConfigDict or dict, got {type(value).__name__}")
     return dict(value)
-
-
-def check_keys(values: Mapping[str, Any], valid: Iterable[str], what: str) -> None:
-    unknown = sorted(set(values) - set(valid))
-    if unknown:
-        raise ValueError(f"{what} has unknown keys {unknown}; valid keys: {sorted(valid)}")
 
 
 def check_int(value: Any, name: str, minimum: int) -> None:
@@ -110,7 +104,7 @@ def model_inputs(features: dict[str, tf.Tensor], pp_name: str, label_op: str) ->
     if labels.dtype != tf.float32 or labels.shape.rank != 1 or not labels.shape.is_fully_defined():
         raise ValueError(f"{pp_name} must produce float32 labels [num_classes] (e.g. {label_op}), "
                          f"got {labels.dtype.name} {labels.shape}")
-    # uint8 pixels stay uint8 (the model maps them to [-1, 1] on the device, models/pixels.py);
+    # uint8 pixels stay uint8 (the model maps them to [-1, 1] on the device, models/layers.py:to_model_range);
     # anything else becomes float32, taken as already in the model's range.
     if image.dtype != tf.uint8:
         image = tf.cast(image, tf.float32)

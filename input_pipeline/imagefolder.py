@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+
 import tensorflow as tf
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")

@@ -1,16 +1,16 @@
 """Turns COYO's top-50 (label, probability) lists into dense training targets.
 
 Each COYO image carries 50 ImageNet-21k indices with descending machine-label probabilities; the
-label mode decides what the model learns from them (see DESIGN.md, "Label modes").
+label mode decides what the model learns from them (the modes: `coyo_labels`).
 """
 from __future__ import annotations
 
 import tensorflow as tf
 
+from coyo_vit.class_names import NUM_COYO_CLASSES
 from input_pipeline.registry import Features, OpFn, register
 
 MODES = ("threshold", "topk", "top1", "soft")
-NUM_COYO_CLASSES = 21841
 
 
 def _check_args(mode: str, arg: float | int | None, num_classes: int) -> None:

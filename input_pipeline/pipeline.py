@@ -15,7 +15,7 @@ Damaged data never stops training and never becomes a wrong target: every raw re
 trains or is skipped for a reason from `damage.SKIP_REASONS` (a JPEG that does not decode, a
 truncated or corrupt TFRecord file, labels outside the class range, a listed key from
 `exclude_keys_file`, ...). Skips leave gaps in `_index`; with `skip_counts=True` each batch also
-carries `_skipped`, the per-reason counts so far (see `SkipCounter`). With `strict=True` the first
+carries `_skipped`, the per-reason counts so far (see `skip_accounting.SkipCounter`). With `strict=True` the first
 damaged record stops the pipeline with an error naming the reason, the file and the record.
 Files, `exclude_keys_file` and `strict` join the settings to keep fixed across a resume.
 """
@@ -27,12 +27,19 @@ from typing import Any, Callable
 
 import tensorflow as tf
 
+from coyo_vit.config_keys import check_keys
 from input_pipeline import damage, pp_parser, sources
-from input_pipeline.dataset_common import (as_dict, check_int, check_keys, check_process,
-                                             check_reading_options, check_seed, dataset_options,
-                                             model_inputs, pad_batch, shuffle_by_seed)
-# SkipCounter is part of this module's API: the trainer finds it here, next to the datasets.
-from input_pipeline.skip_accounting import SkipCounter as SkipCounter
+from input_pipeline.dataset_common import (
+    as_dict,
+    check_int,
+    check_process,
+    check_reading_options,
+    check_seed,
+    dataset_options,
+    model_inputs,
+    pad_batch,
+    shuffle_by_seed,
+)
 from input_pipeline.skip_accounting import SkipScan
 
 _INT64_MAX = 2**63 - 1
@@ -60,7 +67,10 @@ class InputConfig:
 
     @classmethod
     def from_config(cls, config: Any) -> "InputConfig":
-        """Reads an ml_collections ConfigDict or a dict; unknown keys are errors."""
+        """Reads an ml_collections ConfigDict or a dict; unknown keys are errors. An
+        InputConfig passes through unchanged: builders take either, and a run parses once."""
+        if isinstance(config, cls):
+            return config
         values = as_dict(config, "input config")
         check_keys(values, {"data", "holdout", "pp_train", "pp_eval", "shuffle_buffer",
                              "cycle_length", "num_parallel_calls", "prefetch", "ram_budget_gb",
@@ -407,7 +417,7 @@ def _assert_not_damaged(reason: tf.Tensor, raw: dict[str, tf.Tensor]) -> tf.Tens
     def fail() -> tf.Tensor:
         message = tf.strings.join([
             "input.strict: ", damage.reason_name(reason), " in ", raw["_path"], " record ",
-            tf.strings.as_string(raw["_record"]), " (run python -m input_pipeline.validate_shards "
+            tf.strings.as_string(raw["_record"]), " (run python -m input_pipeline.tools.validate_shards "
             "on the file; set input.strict=False to skip and count such records)"])
         with tf.control_dependencies([tf.debugging.Assert(False, [message])]):
             return tf.identity(reason)

@@ -191,7 +191,7 @@ def count_file_records(path: str, allow_damaged: bool = False, read_payloads: bo
     file raises ValueError, unless `allow_damaged`: then the unreadable tail counts as one record,
     which is what `read_file_records` yields for it (the good records, then one damaged marker).
     Payload checksums are not read here, so a file with a bad checksum mid-file counts all its
-    records; `python -m input_pipeline.validate_shards` finds those. With `read_payloads` the
+    records; `python -m input_pipeline.tools.validate_shards` finds those. With `read_payloads` the
     count is that of `read_file_records` itself (every byte read, checksums verified): exact for
     such files too, at the cost of reading the whole file.
     """
@@ -237,7 +237,7 @@ def read_exclusion_list(path: str) -> tuple[str, list[str]]:
     The file is text: a first line naming the field (`key` or `url`, the identifiers every
     img2dataset and TFDS record carries), then one value per line. Naming the field in the file
     means a list of urls can never be matched against keys and silently exclude nothing.
-    `python -m input_pipeline.decontaminate` writes such files. Blank lines are ignored.
+    `python -m input_pipeline.tools.decontaminate` writes such files. Blank lines are ignored.
     """
     with tf.io.gfile.GFile(path, "r") as f:
         lines = [line.rstrip("\r\n") for line in f]

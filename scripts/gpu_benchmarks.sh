@@ -21,7 +21,7 @@ BUDGET=${1:-540}
 [[ $BUDGET =~ ^[0-9]+$ ]] || { echo "BUDGET_SECONDS must be a whole number of seconds, got '$BUDGET'" >&2; exit 2; }
 ALL="b16_bf16_b256_auto l16_bf16_b128_auto b16_bf16_b256_previous_default l16_bf16_b128_previous_default
   b16_bf16_b512_auto l16_compile_unrolled l16_compile_scan b16_bf16_b256_no_gelu_recompute b16_bf16_b256_triton_gemm
-  b16_bf16_b256_fused_qkv gemm_rewriter_dump block_parts b16_bf16_b256_pad_once16 attention b16_bf16_b256_per_block
+  gemm_rewriter_dump block_parts b16_bf16_b256_pad_once16 attention b16_bf16_b256_per_block
   b16_bf16_b256_xla b16_bf16_b256_cudnn_ln b16_bf16_b256_scan_dots l16_bf16_b128_xla b16_bf16_b256_auto_xla_flags"
 shift || true
 (( $# == 0 )) && set -- $ALL  # everything, most important first
@@ -74,7 +74,6 @@ run() {  # NAME: one named measurement (the names are the JSON files' names)
     # One default undone at a time: the GELU keeping tanh (no BIAS_GELU_AUX epilogue), Triton GEMMs.
     b16_bf16_b256_no_gelu_recompute) bench "$1" $B16 --batch 256 --no-gelu_recompute ;;
     b16_bf16_b256_triton_gemm) XLA_FLAGS="--xla_gpu_enable_triton_gemm=true" bench "$1" $B16 --batch 256 ;;
-    b16_bf16_b256_fused_qkv) bench "$1" $B16 --batch 256 --fused_qkv ;;
     # Which GEMMs get which epilogue: the HLO before and after each GEMM-related pass of a
     # one-block B/16 step (small, compile only).
     gemm_rewriter_dump) XLA_FLAGS="--xla_dump_to=$OUT/xla_dump --xla_dump_hlo_module_re=.*step.* --xla_dump_hlo_pass_re=gemm-fusion|cublas-gemm-rewriter|float-normalization.*|call-inliner" \

@@ -1,7 +1,10 @@
-"""Test session set-up: two host CPU devices so sharded code paths run for real."""
+"""Test session set-up: two host CPU devices so sharded code paths run for real, and the shared
+reference artifacts (real img2dataset shards, released checkpoints, class lists) as fixtures."""
 import os
 import sys
 from pathlib import Path
+
+import pytest
 
 # Must happen before jax is imported anywhere in the test session.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
@@ -9,3 +12,22 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 SHARED = REPO.parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def shared_fixtures() -> Path:
+    """`../shared/fixtures` beside the checkout: real artifacts made by the tools our users use."""
+    path = SHARED / "fixtures"
+    if not path.is_dir():
+        pytest.skip(f"the shared reference artifacts are not at {path} (they sit beside the "
+                    "checkout as ../shared/fixtures)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """`../shared/data`: the ImageNet-21k/1k class lists and the ImageNet-ReaL labels."""
+    path = SHARED / "data"
+    if not path.is_dir():
+        pytest.skip(f"the shared class lists and ReaL labels are not at {path}")
+    return path

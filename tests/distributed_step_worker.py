@@ -1,6 +1,6 @@
 """Worker for tests/test_multiprocess.py: the real sharded train step on fixed global batches.
 
-Run once per process (under coyo_vit.launch_local) or alone; every process feeds only its slice
+Run once per process (under coyo_vit.tools.launch_local) or alone; every process feeds only its slice
 of each global batch, as on a pod. Writes the full final parameters, gathered to every process,
 to OUT_DIR/params_<process>.npz so the test can compare processes and runs.
 """
@@ -11,10 +11,10 @@ import numpy as np
 from flax import linen as nn
 from jax.experimental import multihost_utils
 
-from coyo_vit import losses, optimizer, runtime, sharding
-from coyo_vit.device_prefetch import to_global
 from coyo_vit.models import Model
-from coyo_vit.train_step import init_state, make_train_step, state_shardings
+from coyo_vit.training import optimizer, runtime, sharding
+from coyo_vit.training.sharding import to_global
+from coyo_vit.training.step import init_state, make_train_step, sigmoid_xent, state_shardings
 
 GLOBAL_BATCH, STEPS, CLASSES, SIZE = 8, 3, 50, 16
 
@@ -37,7 +37,7 @@ def main(out_dir: str, mesh_spec: str) -> None:
     with nn.logical_axis_rules(rules):
         _, shardings = state_shardings(model, tx, (SIZE, SIZE, 3), mesh, rules)
     state = init_state(model, tx, (SIZE, SIZE, 3), 0, shardings)
-    step = make_train_step(model, tx, losses.sigmoid_xent, shardings, sharding.batch_sharding(mesh), schedule)
+    step = make_train_step(model, tx, sigmoid_xent, shardings, sharding.batch_sharding(mesh), schedule)
     local = GLOBAL_BATCH // jax.process_count()
     lo = jax.process_index() * local
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):

@@ -24,9 +24,7 @@ def get_config(data_dir: str) -> ml_collections.ConfigDict:
     config.grad_accum_steps = 1
     config.total_steps = 30
     config.loss = "softmax_xent"
-    config.model = dict(patch_size=8, width=64, depth=2, mlp_dim=128, num_heads=4, pool_type="tok",
-                        rep_size=None, head_kernel_init=0.0, head_bias_init=0.0,
-                        **common.model_speed_options())
+    config.model = common.model_config(patch_size=8, width=64, depth=2, mlp_dim=128, num_heads=4)
     config.input = dict(data=dict(data, split="train"), pp_train=PP, pp_eval=PP, shuffle_buffer=16,
                         cycle_length=2, num_parallel_calls=-1, prefetch=2, ram_budget_gb=None)
     config.optimizer = dict(name="sgd", momentum=0.9, grad_clip_norm=1.0)

@@ -14,7 +14,8 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from input_pipeline import classification_data as cd
-from input_pipeline import demo_digits, imagefolder, pp_parser
+from input_pipeline import imagefolder, pp_parser
+from input_pipeline.demo import digits as demo_digits
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 SHARDS = SHARED / "fixtures" / "coyo_shards" / "shards"

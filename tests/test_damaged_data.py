@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from input_pipeline import damage, pipeline, sources, validate_shards
+from input_pipeline import damage, pipeline, skip_accounting, sources
+from input_pipeline.tools import validate_shards
 
 SHARDS = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "coyo_shards" / "shards"
 PP_TRAIN = 'decode_jpeg_and_inception_crop(16)|value_range(-1, 1)|coyo_labels("soft")'
@@ -108,10 +109,10 @@ def _config(files: str, **overrides) -> dict:
 
 
 def _train(config: dict, examples: int, start_position: int = 0
-           ) -> tuple[list[dict], pipeline.SkipCounter]:
+           ) -> tuple[list[dict], skip_accounting.SkipCounter]:
     ds = pipeline.build_train_dataset(config, batch_size=1, seed=0, skip_counts=True,
                                       start_position=start_position)
-    counter = pipeline.SkipCounter(start_position)
+    counter = skip_accounting.SkipCounter(start_position)
     batches = list(ds.take(examples).as_numpy_iterator())
     for batch in batches:
         counter.update(batch)
@@ -180,12 +181,12 @@ def test_skip_counts_survive_a_resume_exactly(damaged):
     position = int(first[-1]["_index"][0]) + 1
     ds = pipeline.build_train_dataset(config, batch_size=1, seed=0, skip_counts=True,
                                       start_position=position)
-    after = pipeline.SkipCounter(position, restored=before.totals())
+    after = skip_accounting.SkipCounter(position, restored=before.totals())
     for batch in ds.take(total - 3).as_numpy_iterator():
         after.update(batch)
     assert after.totals() == uninterrupted.totals()
     with pytest.raises(ValueError, match=r"unknown reasons \['bad_reason'\]"):
-        pipeline.SkipCounter(0, restored={"bad_reason": 1})
+        skip_accounting.SkipCounter(0, restored={"bad_reason": 1})
 
 
 @pytest.mark.parametrize("name", [c[0] for c in FILE_CASES])

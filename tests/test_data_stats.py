@@ -1,5 +1,5 @@
-"""input_pipeline.stats against an independent, plain-Python count of the same rows, and
-input_pipeline.join_labels (the other metadata-parquet tool) restoring labels exactly."""
+"""input_pipeline.tools.stats against an independent, plain-Python count of the same rows, and
+input_pipeline.tools.join_labels (the other metadata-parquet tool) restoring labels exactly."""
 from __future__ import annotations
 
 import collections
@@ -14,7 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 import tensorflow as tf
 
-from input_pipeline import join_labels, sources, stats
+from input_pipeline import sources
+from input_pipeline.tools import join_labels, stats
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "coyo_shards"
 SHARDS = FIXTURES / "shards"

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from input_pipeline import demo_data, demo_drawing
+from input_pipeline.demo import drawing as demo_drawing
+from input_pipeline.demo import shards as demo_data
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 FIXTURE_SHARDS = SHARED / "fixtures" / "coyo_shards" / "shards"

@@ -6,9 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from coyo_vit import sharding
-from coyo_vit.ema import ema_decay, ema_update, init_ema
-from coyo_vit.mixup import mixup, mixup_batch
+from coyo_vit.training import sharding
+from coyo_vit.training.step import ema_decay, ema_update, init_ema, mixup, mixup_batch
 
 
 def _params(rng: np.random.Generator) -> dict:

@@ -13,11 +13,12 @@ import pytest
 from flax import linen as nn
 from PIL import Image
 
-from coyo_vit import losses, sharding
-from coyo_vit.evaluators import metric_math as mm
-from coyo_vit.evaluators.imagenet_from_21k import load_index21k, select_1k_logits
-from coyo_vit.evaluators.registry import build_evaluators, is_due
 from coyo_vit.models import Model
+from coyo_vit.training import sharding
+from coyo_vit.training.evaluators import metric_math as mm
+from coyo_vit.training.evaluators.imagenet_from_21k import load_index21k, select_1k_logits
+from coyo_vit.training.evaluators.registry import build_evaluators, is_due
+from coyo_vit.training.step import sigmoid_xent, softmax_xent
 from tests.test_classification_data import write_imagenet2012
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -144,7 +145,7 @@ def _model(num_classes: int, bias: dict[int, float] | None = None, seed: int = 0
     return model, jax.device_put(params, shardings), shardings
 
 
-def _evaluators(evals: dict, model, shardings, loss_fn=losses.softmax_xent):
+def _evaluators(evals: dict, model, shardings, loss_fn=softmax_xent):
     return build_evaluators(evals, model=model, mesh=MESH, params_shardings=shardings, loss_fn=loss_fn)
 
 
@@ -206,7 +207,7 @@ def test_multilabel_prec1_map_and_f1(imagenet_val):
     model, params, shardings = _model(1000, {1: 5.0, 4: 3.0})
     (evaluator,) = _evaluators({"ml": dict(type="multilabel", data=imagenet_val, pp=PP_1K,
                                            batch_size=4, threshold=0.6)}, model, shardings,
-                               loss_fn=losses.sigmoid_xent).values()
+                               loss_fn=sigmoid_xent).values()
     results = evaluator.evaluate(params)
     # Every image predicts {1, 4} (sigmoid 0.99, 0.95 >= 0.6; sigmoid(0) = 0.5 < 0.6).
     # TP = 3 (labels 1, 4, 1), FP = 8 * 2 - 3 = 13, FN = 8 - 3 = 5.
@@ -227,7 +228,8 @@ def test_multilabel_prec1_map_and_f1(imagenet_val):
 def test_fewshot_probe_equals_sklearn_ridge_on_independently_computed_features(tmp_path):
     from sklearn.linear_model import Ridge
 
-    from input_pipeline import demo_digits, imagefolder
+    from input_pipeline import imagefolder
+    from input_pipeline.demo import digits as demo_digits
 
     root = demo_digits.ensure_digits_folder(str(tmp_path / "digits"), image_size=16)
     model, params, shardings = _model(10, seed=1)
@@ -260,9 +262,9 @@ def test_registry_errors_name_the_bad_value(imagenet_val):
     model, _, shardings = _model(10)
     good = dict(type="classification", data=imagenet_val, pp=PP_1K, batch_size=4)
     with pytest.raises(ValueError, match="type='top1' is not a known evaluator type; valid: "
-                                         r"\['classification', 'fewshot', 'imagenet_from_21k', 'multilabel', 'real'\]"):
+                                         r"\['classification', 'fewshot', 'holdout', 'imagenet_from_21k', 'multilabel', 'real'\]"):
         _evaluators({"val": dict(good, type="top1")}, model, shardings)
-    with pytest.raises(ValueError, match=r"Unknown key\(s\) \['topk'\] in config.evals.val"):
+    with pytest.raises(ValueError, match=r"config.evals.val has unknown keys \['topk'\]"):
         _evaluators({"val": dict(good, topk=5)}, model, shardings)
     with pytest.raises(ValueError, match="config.evals.val: Batch size 3 is not divisible by the 2"):
         _evaluators({"val": dict(good, batch_size=3)}, model, shardings)
@@ -282,71 +284,70 @@ def _bad_json(directory: Path) -> str:
     return str(path)
 
 
-def test_holdout_with_no_usable_example_raises_instead_of_reporting_zeros():
+def _holdout(model, shardings, input_section):
+    """The registered `holdout` evaluator over the run's own (parsed) input section."""
+    from input_pipeline.pipeline import InputConfig
+
+    return build_evaluators({"holdout": dict(type="holdout", every_steps=1, batch_size=8)},
+                            model=model, mesh=MESH, params_shardings=shardings,
+                            loss_fn=sigmoid_xent,
+                            train_input=InputConfig.from_config(input_section))["holdout"]
+
+
+def test_holdout_with_no_usable_example_raises_instead_of_reporting_zeros(shared_fixtures):
     # A pp_eval that fails on every record (a crop larger than the resized image) once gave
     # holdout/loss = holdout/prec@1 = 0 at every eval, silently.
-    import ml_collections
-
     from configs import common
-    from coyo_vit.evaluators.holdout import HoldoutEvaluator
 
-    shards = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "coyo_shards" / "shards"
+    shards = shared_fixtures / "coyo_shards" / "shards"
     model, params, shardings = _model(21841)
-    config = ml_collections.ConfigDict(dict(
-        eval_every_steps=1, eval_batch_size=8,
-        input=common.input_config(files=str(shards / "*.tfrecord"), pp_train="decode",
-                                  pp_eval="decode|resize_small(20)|central_crop(16)|"
-                                          "coyo_labels('threshold', 0.1)",
-                                  shuffle_buffer=8, holdout_files=1).to_dict()))
-    evaluator = HoldoutEvaluator(model, losses.sigmoid_xent, config, shardings, MESH)
+
+    def section(pp_eval):
+        return common.input_config(files=str(shards / "*.tfrecord"), pp_train="decode",
+                                   pp_eval=pp_eval, shuffle_buffer=8, holdout_files=1)
+
+    labels = "coyo_labels('threshold', 0.1)"
+    evaluator = _holdout(model, shardings, section(f"decode|resize_small(20)|central_crop(16)|{labels}"))
     assert evaluator.evaluate(params)["holdout/examples"] > 0
-    with config.unlocked():
-        config.input.pp_eval = "decode|resize_small(12)|central_crop(16)|coyo_labels('threshold', 0.1)"
+    evaluator = _holdout(model, shardings, section(f"decode|resize_small(12)|central_crop(16)|{labels}"))
     with pytest.raises(ValueError, match="The holdout gave no example"):
-        HoldoutEvaluator(model, losses.sigmoid_xent, config, shardings, MESH).evaluate(params)
+        evaluator.evaluate(params)
 
 
-def test_holdout_evaluator_rejects_a_missing_holdout_or_other_classes_before_training():
+def test_holdout_evaluator_rejects_a_missing_holdout_or_other_classes_before_training(shared_fixtures):
     # Both once surfaced only at the first evaluation, a whole eval interval into the run.
-    import ml_collections
-
     from configs import common
-    from coyo_vit.evaluators.holdout import HoldoutEvaluator
 
-    shards = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "coyo_shards" / "shards"
+    shards = shared_fixtures / "coyo_shards" / "shards"
     model, _, shardings = _model(1000)
 
-    def config(holdout_files: int) -> ml_collections.ConfigDict:
-        return ml_collections.ConfigDict(dict(
-            eval_every_steps=1, eval_batch_size=8,
-            input=common.input_config(files=str(shards / "*.tfrecord"), pp_train="decode",
-                                      pp_eval="decode|resize(16)|coyo_labels('threshold', 0.1)",
-                                      shuffle_buffer=8, holdout_files=holdout_files).to_dict()))
+    def section(holdout_files: int):
+        return common.input_config(files=str(shards / "*.tfrecord"), pp_train="decode",
+                                   pp_eval="decode|resize(16)|coyo_labels('threshold', 0.1)",
+                                   shuffle_buffer=8, holdout_files=holdout_files)
 
     with pytest.raises(ValueError, match="no holdout"):
-        HoldoutEvaluator(model, losses.sigmoid_xent, config(0), shardings, MESH)
+        _holdout(model, shardings, section(0))
     with pytest.raises(ValueError, match="labels over 21841 classes but the model has 1000"):
-        HoldoutEvaluator(model, losses.sigmoid_xent, config(1), shardings, MESH)
+        _holdout(model, shardings, section(1))
 
 
-def test_a_configured_holdout_evaluator_may_not_shadow_the_built_in_one():
-    import ml_collections
+def test_a_configured_holdout_evaluator_may_not_shadow_the_one_eval_every_steps_adds(shared_fixtures, tmp_path):
+    from coyo_vit.training import run_config
+    from tests import tiny_config
 
-    from configs import common
-    from coyo_vit.train_loop import make_evaluators
-
-    shards = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "coyo_shards" / "shards"
-    model, _, shardings = _model(21841)
-    data = dict(name="coyo_shards", files=str(shards / "*.tfrecord"))
+    shards = shared_fixtures / "coyo_shards" / "shards"
+    config = tiny_config.get_config(str(shards / "*.tfrecord"))
     pp = "decode|resize_small(20)|central_crop(16)|coyo_labels('threshold', 0.1)"
-    evals = dict(type="multilabel", every_steps=1, batch_size=8, data=data,
+    evals = dict(type="multilabel", every_steps=1, batch_size=8,
+                 data=dict(name="coyo_shards", files=str(shards / "*.tfrecord")),
                  holdout=dict(files=1, examples=0), split="holdout", pp=pp)
-    config = ml_collections.ConfigDict(dict(
-        eval_every_steps=1, eval_batch_size=8, evals=dict(holdout=evals),
-        input=common.input_config(files=data["files"], pp_train="decode", pp_eval=pp,
-                                  shuffle_buffer=8, holdout_files=1).to_dict()))
-    kwargs = dict(model=model, mesh=MESH, params_shardings=shardings, loss_fn=losses.sigmoid_xent)
+    with config.unlocked():
+        config.evals = dict(holdout=evals)
     with pytest.raises(ValueError, match="config.evals.holdout clashes"):
-        make_evaluators(config, **kwargs)
-    config.evals = dict(multilabel=evals)
-    assert set(make_evaluators(config, **kwargs)) == {"multilabel", "holdout"}
+        run_config.parse(config, str(tmp_path))
+    with config.unlocked():
+        config.evals = dict(multilabel=evals)
+    parsed = run_config.parse(config, str(tmp_path))
+    assert set(parsed.evals) == {"multilabel", "holdout"}
+    assert parsed.evals["holdout"] == dict(type="holdout", every_steps=6, batch_size=16)

@@ -63,7 +63,7 @@ def test_fine_tuning_init_with_another_position_embedding_is_named():
     import ml_collections
 
     from coyo_vit.models import Model
-    from coyo_vit.train_loop import _init_params
+    from coyo_vit.training.loop import _init_params
 
     fixture = REPO.parent / "shared" / "fixtures" / "coyo_vit_tf" / "pretrain"
     kwargs = dict(patch_size=8, width=64, depth=2, mlp_dim=128, num_heads=4, pool_type="tok",

@@ -3,9 +3,9 @@ import json
 
 import tensorflow as tf
 
-from coyo_vit import metric_logging
-from coyo_vit.metric_logging import METRICS_FILE, MetricLogger
-from coyo_vit.sweep_summary import latest_checkpoint_step, read_metrics
+from coyo_vit.tools.sweep_summary import latest_checkpoint_step, read_metrics
+from coyo_vit.training import metric_logging
+from coyo_vit.training.metric_logging import METRICS_FILE, MetricLogger
 
 TORN = '{"step": 10, "train/loss": 3.0}\n{"step": 20, "train/loss": 2.5}\n{"step": 30, "train/lo'
 

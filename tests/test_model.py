@@ -10,9 +10,8 @@ from flax import linen as nn
 from flax import traverse_util
 from flax.linen import meta
 
-from coyo_vit.models import VARIANTS, Model, count_params, decode_variant
-from coyo_vit.models import attention_backends
-from coyo_vit.models.attention_backends import padded_dot_product_attention
+from coyo_vit.models import VARIANTS, Model, count_params, decode_variant, layers
+from coyo_vit.models.layers import padded_dot_product_attention
 from coyo_vit.models.vit import REMAT_POLICIES, posemb_sincos_2d
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -302,9 +301,9 @@ def test_runs_under_a_global_mesh_with_logical_rules(scan):
         jax.eval_shape(model.init, jax.random.key(0), x)  # traces every initializer under the mesh
         specs = nn.get_partition_spec(boxed)
         sharded = jax.jit(lambda p, im: model.apply({"params": p}, im))(boxed, x)
-    layers = ("layers",) if scan else ()
+    stacked = ("layers",) if scan else ()
     block = specs["Transformer"]["encoderblock" if scan else "encoderblock_0"]
-    assert block["MlpBlock_3"]["Dense_0"]["kernel"] == jax.sharding.PartitionSpec(*layers, "embed", "mlp")
+    assert block["MlpBlock_3"]["Dense_0"]["kernel"] == jax.sharding.PartitionSpec(*stacked, "embed", "mlp")
     np.testing.assert_allclose(sharded, model.apply({"params": meta.unbox(boxed)}, x), atol=1e-5)
 
 
@@ -360,10 +359,9 @@ def test_padding_the_sequence_once_changes_no_output_or_gradient(pool_type, scan
 
 
 @pytest.mark.parametrize("scan, remat", [(False, "none"), (True, "none"), (False, "full")])
-def test_gelu_recompute_and_fused_qkv_keep_parameters_values_and_gradients(scan, remat):
-    # The two byte-saving forms of the block (gelu_recompute on by default, fused_qkv off), each
-    # against the plain form: same parameter tree, so the same checkpoints load, and the same
-    # loss and gradients, under scan and remat too.
+def test_gelu_recompute_keeps_parameters_values_and_gradients(scan, remat):
+    # The byte-saving GELU (on by default) against the plain one: same parameter tree, so the
+    # same checkpoints load, and the same loss and gradients, under scan and remat too.
     x = images()
     plain = tiny(scan=scan, remat_policy=remat, attention_impl="xla", gelu_recompute=False)
     params = random_params(plain, x)
@@ -373,25 +371,22 @@ def test_gelu_recompute_and_fused_qkv_keep_parameters_values_and_gradients(scan,
         return jax.jit(jax.value_and_grad(loss))(params)
 
     want, want_grads = loss_and_grads(plain)
-    for option in ("gelu_recompute", "fused_qkv"):
-        model = tiny(scan=scan, remat_policy=remat, attention_impl="xla",
-                     **{"gelu_recompute": False, option: True})  # each form alone
-        assert flat(param_shapes(model, x)).keys() == flat(param_shapes(plain, x)).keys()
-        got, got_grads = loss_and_grads(model)
-        np.testing.assert_allclose(got, want, rtol=1e-5, err_msg=option)
-        for (path, g), w in zip(flat(got_grads).items(), flat(want_grads).values()):
-            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6, err_msg=f"{option}: {path}")
+    model = tiny(scan=scan, remat_policy=remat, attention_impl="xla", gelu_recompute=True)
+    assert flat(param_shapes(model, x)).keys() == flat(param_shapes(plain, x)).keys()
+    got, got_grads = loss_and_grads(model)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    for (path, g), w in zip(flat(got_grads).items(), flat(want_grads).values()):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6, err_msg=path)
 
 
 def test_gelu_recompute_keeps_only_the_input_for_the_backward_pass():
     # What it is for: autodiff's backward pass of tanh-GELU reads a saved tanh; the custom VJP
     # keeps x alone, so the saved residuals lose one array of x's shape.
-    from coyo_vit.models import activations
     x = jnp.linspace(-4.0, 4.0, 24, dtype=jnp.float32).reshape(4, 6)
     # The pullback jax.vjp returns is a pytree whose leaves are exactly the saved residuals.
     shapes = {name: [leaf.shape for leaf in jax.tree_util.tree_leaves(jax.vjp(fn, x)[1])]
-              for name, fn in (("autodiff", activations.gelu),
-                               ("recompute", activations.gelu_recomputed))}
+              for name, fn in (("autodiff", layers.gelu),
+                               ("recompute", layers.gelu_recomputed))}
     assert shapes["recompute"] == [(4, 6)], shapes
     assert shapes["autodiff"].count((4, 6)) > 1, shapes
     # ... and XLA really computes tanh again in the backward pass of an MLP, planning fewer
@@ -399,14 +394,14 @@ def test_gelu_recompute_keeps_only_the_input_for_the_backward_pass():
     # plan was the same as autodiff's).
     h, w1, w2 = (jnp.ones(shape) for shape in ((256, 64), (64, 256), (256, 64)))
     compiled = {}
-    for name, act in (("autodiff", activations.gelu), ("recompute", activations.gelu_recomputed)):
+    for name, act in (("autodiff", layers.gelu), ("recompute", layers.gelu_recomputed)):
         loss = lambda *args, act=act: ((act(args[0] @ args[1]) @ args[2]) ** 2).sum()
         compiled[name] = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(h, w1, w2).compile()
     assert len(re.findall(r"\btanh\(", compiled["recompute"].as_text())) == 2
     temp = {name: c.memory_analysis().temp_size_in_bytes for name, c in compiled.items()}
     assert temp["recompute"] < temp["autodiff"], temp
-    np.testing.assert_array_equal(activations.gelu_recomputed(x), nn.gelu(x))
-    np.testing.assert_array_equal(jax.grad(lambda v: activations.gelu_recomputed(v).sum())(x),
+    np.testing.assert_array_equal(layers.gelu_recomputed(x), nn.gelu(x))
+    np.testing.assert_array_equal(jax.grad(lambda v: layers.gelu_recomputed(v).sum())(x),
                                   jax.grad(lambda v: nn.gelu(v).sum())(x))
 
 
@@ -450,7 +445,7 @@ def test_auto_attention_falls_back_when_cudnn_refuses_training_shapes(monkeypatc
     # retry at 8 tokens (an even length, accepted) and train exactly like XLA's attention.
     calls: list = []
     monkeypatch.setattr(jax.nn, "dot_product_attention", _refusing_cudnn(calls))
-    monkeypatch.setattr(attention_backends, "cudnn_attention_is_default", lambda: True)
+    monkeypatch.setattr(layers, "cudnn_attention_is_default", lambda: True)
     x = images()
     auto = tiny(scan=scan, remat_policy=remat, attention_pad_multiple=7)
     xla = tiny(scan=scan, remat_policy=remat, attention_impl="xla")
@@ -477,11 +472,11 @@ def test_cudnn_refusing_every_length_raises_its_first_refusal_or_falls_back(monk
         return real(q, k, v, key_value_seq_lengths=key_value_seq_lengths, implementation=implementation)
 
     monkeypatch.setattr(jax.nn, "dot_product_attention", refusing)
-    monkeypatch.setattr(attention_backends, "cudnn_attention_is_default", lambda: True)
+    monkeypatch.setattr(layers, "cudnn_attention_is_default", lambda: True)
     q = jax.random.normal(jax.random.key(0), (2, 5, 2, 8))
     with pytest.raises(NotImplementedError, match=r"Q 5\b"):  # the shapes as given, not a padding
-        attention_backends.attend(q, q, q, "cudnn")
-    np.testing.assert_allclose(attention_backends.attend(q, q, q, "auto"),
+        layers.attend(q, q, q, "cudnn")
+    np.testing.assert_allclose(layers.attend(q, q, q, "auto"),
                                real(q, q, q, implementation="xla"), rtol=1e-6)
 
 
@@ -489,9 +484,9 @@ def test_on_a_cudnn_gpu_16bit_models_pad_their_tokens_once_to_an_even_length(mon
     # Where cuDNN attention runs, the model pads 5 tokens to 6 before the blocks (so no block
     # pads q/k/v); float32 (cuDNN's fused kernel has none), XLA attention, CPUs and an explicit
     # attention_pad_multiple=1 keep the sequence as it is.
-    monkeypatch.setattr(attention_backends, "cudnn_attention_is_default", lambda: False)
+    monkeypatch.setattr(layers, "cudnn_attention_is_default", lambda: False)
     assert tiny(dtype="bfloat16").token_pad_multiple is None  # a CPU or TPU: XLA's attention
-    monkeypatch.setattr(attention_backends, "cudnn_attention_is_default", lambda: True)
+    monkeypatch.setattr(layers, "cudnn_attention_is_default", lambda: True)
     assert tiny(dtype="bfloat16").token_pad_multiple == 2
     assert tiny(dtype="bfloat16", attention_impl="cudnn").token_pad_multiple == 2
     assert tiny(dtype="float32").token_pad_multiple is None
@@ -518,7 +513,6 @@ def test_on_a_cudnn_gpu_16bit_models_pad_their_tokens_once_to_an_even_length(mon
     (dict(variant="B/16", attention_impl="flash"), "'cudnn'"),
     (dict(variant="B/16", attention_pad_multiple=0), "attention_pad_multiple"),
     (dict(variant="B/16", dropout=1.0), "dropout"),
-    (dict(variant="B/16", fused_qkv="yes"), "fused_qkv"),
     (dict(variant="B/16", gelu_recompute=1), "gelu_recompute"),
     (dict(variant="B/16", rep_size=-3), "rep_size"),
     (dict(width=64, depth=2, mlp_dim=128, num_heads=4), "patch_size"),
@@ -534,16 +528,46 @@ def test_image_size_must_be_a_multiple_of_the_patch():
         tiny().init(jax.random.key(0), jnp.zeros((1, 20, 20, 3)))
 
 
-def test_every_config_lists_the_model_speed_options():
-    # So `--config.model.<option>=...` works for every recipe, and evaluate.py can take them.
+CONFIGS = (("coyo_pretrain", None), ("demo", None), ("demo_finetune", None),
+           ("finetune", "folder=/data/flowers,classes=102"), ("imagenet_finetune", None))
+
+
+def test_every_config_lists_every_model_field_at_the_model_defaults_but_what_it_changes():
+    # So `--config.model.<field>=...` works for every recipe (rep_size and the other None
+    # defaults too), evaluate.py can take the speed options, and a config spells out only what
+    # it changes from the model's defaults.
     import dataclasses
     import importlib
 
     from configs import common
     from coyo_vit.models import SPEED_OPTIONS
-    assert set(common.model_speed_options()) == set(SPEED_OPTIONS)
-    assert set(SPEED_OPTIONS) <= {f.name for f in dataclasses.fields(Model)}
-    for name, arg in (("coyo_pretrain", None), ("demo", None), ("demo_finetune", None),
-                      ("finetune", "folder=/data/flowers,classes=102"), ("imagenet_finetune", None)):
+    settable = {f.name for f in dataclasses.fields(Model)} - {"num_classes", "parent", "name"}
+    assert set(SPEED_OPTIONS) <= settable
+    defaults = common.model_config()
+    assert set(defaults) == settable
+    for field in dataclasses.fields(Model):
+        if field.name in settable:
+            assert defaults[field.name] == field.default, field.name
+    for name, arg in CONFIGS:
         config = importlib.import_module(f"configs.{name}").get_config(arg)
-        assert set(SPEED_OPTIONS) <= set(config.model), name
+        assert set(config.model) == settable, name
+        Model(num_classes=config.num_classes, **config.model)  # valid as it stands
+    with pytest.raises(ValueError, match="Did you mean 'rep_size'"):
+        common.model_config(repsize=8)
+
+
+def test_model_fields_can_be_set_on_the_command_line():
+    # The documented overrides, and fields whose default is None (typed placeholders).
+    from absl import flags
+    from ml_collections import config_flags
+
+    argv = ["prog", "--config=configs/finetune.py:dataset=cifar10,classes=10",
+            "--config.model.attention_impl=xla", "--config.model.remat_policy=dots_saveable",
+            "--config.model.rep_size=64", "--config.model.attention_pad_multiple=4",
+            "--config.model.gelu_recompute=false", "--config.model.dtype=float32"]
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", flag_values=values, sys_argv=argv)  # reads overrides from argv
+    values(argv)
+    model = Model(num_classes=values.config.num_classes, **values.config.model)
+    assert (model.attention_impl, model.remat_policy, model.rep_size, model.attention_pad_multiple,
+            model.gelu_recompute, model.dtype) == ("xla", "dots_saveable", 64, 4, False, "float32")

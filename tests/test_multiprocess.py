@@ -23,7 +23,7 @@ def _env(devices: int | None = None) -> dict[str, str]:
 
 
 def _launch(*command: str, processes: int = 2, devices: int = 2) -> list[str]:
-    return [sys.executable, "-m", "coyo_vit.launch_local", "--num_processes", str(processes),
+    return [sys.executable, "-m", "coyo_vit.tools.launch_local", "--num_processes", str(processes),
             "--devices_per_process", str(devices), "--", sys.executable, *command]
 
 
@@ -90,7 +90,7 @@ def test_process_flags_without_a_coordinator_are_refused(monkeypatch):
     # Otherwise N processes meant as one run each train alone as process 0 in the same workdir.
     import pytest
 
-    from coyo_vit import runtime
+    from coyo_vit.training import runtime
     monkeypatch.delenv("COYO_VIT_COORDINATOR", raising=False)
     with pytest.raises(ValueError, match="need --coordinator_address"):
         runtime.initialize(None, 4, 1)

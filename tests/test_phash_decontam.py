@@ -13,7 +13,8 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from input_pipeline import decontaminate, phash, pipeline, sources
+from input_pipeline import pipeline, skip_accounting, sources
+from input_pipeline.tools import decontaminate, phash
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "coyo_shards"
 SHARDS = FIXTURES / "shards"
@@ -206,7 +207,7 @@ def test_the_pipeline_leaves_out_the_listed_records(eval_folder, shard_images):
     batch = next(ds.as_numpy_iterator())  # one epoch's worth of examples
     urls = {by_labels[tuple(np.flatnonzero(row).tolist())] for row in batch["labels"]}
     assert urls == {r["url"] for r in shard_images} - excluded_urls
-    counter = pipeline.SkipCounter()
+    counter = skip_accounting.SkipCounter()
     counter.update(batch)
     skipped = {k: v for k, v in counter.totals().items() if v}
     assert skipped == {"excluded": int(batch["_index"][-1]) + 1 - kept}

@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import tensorflow as tf
 
-from coyo_vit import mixup
-from coyo_vit.models import Model, pixels
+from coyo_vit.models import Model, layers
+from coyo_vit.training.step import mixup
 from input_pipeline import ops_image, pipeline
 
 SHARDS = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "coyo_shards" / "shards"
@@ -31,7 +31,7 @@ def test_pipeline_sends_uint8_without_value_range_and_it_equals_the_float_path()
     as_float = _train_batch(PP_UINT8.replace("flip_lr|", "flip_lr|value_range(-1, 1)|"))
     assert as_uint8["image"].dtype == np.uint8 and as_float["image"].dtype == np.float32
     np.testing.assert_array_equal(as_uint8["_index"], as_float["_index"])
-    on_device = np.asarray(pixels.to_model_range(jnp.asarray(as_uint8["image"])))
+    on_device = np.asarray(layers.to_model_range(jnp.asarray(as_uint8["image"])))
     np.testing.assert_allclose(on_device, as_float["image"], atol=1e-6)
     assert on_device.min() >= -1.0 and on_device.max() <= 1.0
 
@@ -43,7 +43,7 @@ def test_model_gives_the_same_logits_for_uint8_pixels_and_their_float_range():
     params = model.init(jax.random.PRNGKey(0), as_float)["params"]
     np.testing.assert_allclose(model.apply({"params": params}, pixels_u8),
                                model.apply({"params": params}, as_float), rtol=1e-5, atol=1e-6)
-    extremes = pixels.to_model_range(jnp.asarray([0, 255], jnp.uint8))
+    extremes = layers.to_model_range(jnp.asarray([0, 255], jnp.uint8))
     np.testing.assert_array_equal(np.asarray(extremes), [-1.0, 1.0])
 
 
@@ -52,8 +52,8 @@ def test_mixup_of_uint8_mixes_in_the_float_range_without_rounding():
     images = rng.integers(0, 256, (4, 2, 2, 3), dtype=np.uint8)
     labels = np.eye(4, dtype=np.float32)
     key = jax.random.PRNGKey(2)
-    mixed_u8, _ = mixup.mixup(key, jnp.asarray(images), jnp.asarray(labels), 0.5)
-    mixed_f, _ = mixup.mixup(key, pixels.to_model_range(jnp.asarray(images)), jnp.asarray(labels), 0.5)
+    mixed_u8, _ = mixup(key, jnp.asarray(images), jnp.asarray(labels), 0.5)
+    mixed_f, _ = mixup(key, layers.to_model_range(jnp.asarray(images)), jnp.asarray(labels), 0.5)
     assert mixed_u8.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(mixed_u8), np.asarray(mixed_f), atol=1e-6)
     assert not np.allclose(np.asarray(mixed_u8) * 127.5, np.round(np.asarray(mixed_u8) * 127.5))

@@ -1,4 +1,4 @@
-"""coyo_vit.predict and the shipped class lists, on the fixture model and real image files."""
+"""coyo_vit.tools.predict and the shipped class lists, on the fixture model and real image files."""
 from __future__ import annotations
 
 import os
@@ -12,7 +12,7 @@ from PIL import Image
 
 from checkpoints import export_npz, load
 from coyo_vit.class_names import class_list_for, load_class_list
-from coyo_vit.predict import load_image, native_image_size, predict
+from coyo_vit.tools.predict import load_image, native_image_size, predict
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 NPZ = SHARED / "fixtures" / "vit_jax_npz"
@@ -82,7 +82,7 @@ def test_predict_cli_prints_top5_imagenet1k_names(tmp_path):
     Image.fromarray(_to_uint8(images[0])).save(tmp_path / "a.png")
     Image.fromarray(_to_uint8(images[1])).resize((96, 64)).save(tmp_path / "b.jpg", quality=90)
     result = subprocess.run(
-        [sys.executable, "-m", "coyo_vit.predict", "--checkpoint", str(tmp_path / "in1k.npz"),
+        [sys.executable, "-m", "coyo_vit.tools.predict", "--checkpoint", str(tmp_path / "in1k.npz"),
          str(tmp_path / "a.png"), str(tmp_path / "b.jpg")],
         cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert result.returncode == 0, result.stderr[-3000:]

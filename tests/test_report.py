@@ -1,4 +1,4 @@
-"""coyo_vit.report: the published COYO / JFT-300M table with our evaluated runs and differences.
+"""coyo_vit.tools.report: the published COYO / JFT-300M table with our evaluated runs and differences.
 
 These use hand-written run files (a workdir as finetune.py writes it, an evaluate.py results
 file) to pin the arithmetic down; the report on two real fine-tuned demo runs is in
@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from coyo_vit import published_results
+from coyo_vit.tools import published_results
 
 REPO = Path(__file__).resolve().parents[1]
 DESIGN = REPO.parent / "shared" / "DESIGN.md"
 
 
 def _report(*args):
-    return subprocess.run([sys.executable, "-m", "coyo_vit.report", *map(str, args)], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "coyo_vit.tools.report", *map(str, args)], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
 
 

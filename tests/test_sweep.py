@@ -12,15 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from coyo_vit import sweep_expand
-from coyo_vit.sweep_expand import chain, fixed, point_name, product, sweep, zipped
+from coyo_vit.tools import sweep_expand
+from coyo_vit.tools.sweep_expand import chain, fixed, point_name, product, sweep, zipped
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 6
 
 
 def _sweep_cmd(*args):
-    return [sys.executable, "-m", "coyo_vit.sweep", *map(str, args)]
+    return [sys.executable, "-m", "coyo_vit.tools.sweep", *map(str, args)]
 
 
 def _run(cmd, timeout=300):
@@ -99,7 +99,7 @@ def test_the_papers_finetune_sweep_expands_against_the_real_config(tmp_path):
     """lr {0.06, 0.03, 0.01} x steps {20k, 40k} at 384 and 512px: 12 validated points."""
     config = _write_config(tmp_path / "paper_sweep.py", (
         "from configs.imagenet_finetune import get_config\n"
-        "from coyo_vit.sweep_expand import product, sweep\n\n"
+        "from coyo_vit.tools.sweep_expand import product, sweep\n\n"
         "def get_sweep():\n"
         "    return product([sweep('arg.res', [384, 512]),\n"
         "                    sweep('config.schedule.base_lr', [0.06, 0.03, 0.01]),\n"
@@ -134,7 +134,7 @@ def test_the_papers_finetune_sweep_expands_against_the_real_config(tmp_path):
 def test_a_bad_point_fails_before_anything_runs(tmp_path, bad_point, message):
     config = _write_config(tmp_path / "bad_sweep.py", (
         "from configs.demo_sweep import get_config\n"
-        "from coyo_vit.sweep_expand import chain, sweep\n\n"
+        "from coyo_vit.tools.sweep_expand import chain, sweep\n\n"
         "def get_sweep():\n"
         f"    return chain([sweep('config.schedule.base_lr', [0.003, 0.01]), [{bad_point}]])\n"))
     root = tmp_path / "root"
@@ -160,7 +160,7 @@ def test_unknown_global_override_and_missing_entry_fail_early(tmp_path):
 
 def test_checkpoint_layout_matches_orbax_io():
     from checkpoints import orbax_io
-    from coyo_vit import sweep_summary
+    from coyo_vit.tools import sweep_summary
 
     assert (sweep_summary.CHECKPOINT_SUBDIR, sweep_summary.STATE_ITEM, sweep_summary.META_ITEM) == (
         orbax_io.CHECKPOINT_SUBDIR, orbax_io.STATE_ITEM, orbax_io.META_ITEM)
@@ -296,7 +296,7 @@ def test_the_report_on_the_two_finetuned_points(demo_sweep, tmp_path):
     """Real evaluator output (`val/top1` of the digits test split) beside the published rows."""
     root, init = demo_sweep["root"], demo_sweep["init"]
     runs = [root / name for name in demo_sweep["names"]]
-    result = subprocess.run([sys.executable, "-m", "coyo_vit.report", *map(str, runs), "--upstream",
+    result = subprocess.run([sys.executable, "-m", "coyo_vit.tools.report", *map(str, runs), "--upstream",
                              "random init", "--json", str(tmp_path / "r.json")],
                             cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

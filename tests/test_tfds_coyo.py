@@ -11,7 +11,8 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from input_pipeline import decontaminate, pipeline, tfds_coyo
+from input_pipeline import pipeline
+from input_pipeline.tools import decontaminate, tfds_coyo
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "coyo_shards"
 SHARDS = FIXTURES / "shards"

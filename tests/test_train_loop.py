@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from checkpoints.orbax_io import restore_params
-from input_pipeline.demo_data import ensure_demo_shards
+from input_pipeline.demo.shards import ensure_demo_shards
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 16

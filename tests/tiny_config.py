@@ -16,8 +16,8 @@ def get_config(files: str) -> ml_collections.ConfigDict:
     config.grad_accum_steps = 1
     config.total_steps = 12
     config.loss = "sigmoid_xent"
-    config.model = dict(patch_size=8, width=32, depth=2, mlp_dim=64, num_heads=4, pool_type="tok",
-                        rep_size=16, head_bias_init=-10.0)
+    config.model = common.model_config(patch_size=8, width=32, depth=2, mlp_dim=64, num_heads=4,
+                                       rep_size=16, head_bias_init=-10.0)
     labels = "coyo_labels('threshold', 0.05)"
     config.input = common.input_config(
         files=files,

@@ -3,9 +3,9 @@
 Parameter names and shapes follow google-research/vision_transformer (per-layer
 `encoderblock_{i}`) and big_vision (`encoderblock` stacked under `nn.scan`, `MAPHead_0`), so
 importing or exporting their checkpoints is a renaming, never a reshaping. Every parameter is
-created boxed with logical axis names and every large activation is annotated
-(logical_axes.py), so the same module shards by config on a pod and runs unchanged on one CPU.
-The attention layer, with its checkpoint layout, is attention.py.
+created boxed with logical axis names and every large activation is annotated, so the same
+module shards by config on a pod and runs unchanged on one CPU. The layers it is made of (input
+range, axis names, GELU, attention and its kernels) are layers.py.
 """
 from __future__ import annotations
 
@@ -19,9 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from coyo_vit.models import activations, attention_backends, pixels
-from coyo_vit.models.attention import Attention
-from coyo_vit.models.logical_axes import HIDDEN, LOGITS, TOKENS, boxed, constrain
+from coyo_vit.models import layers
+from coyo_vit.models.layers import HIDDEN, LOGITS, TOKENS, Attention, boxed, constrain
 
 Array = jax.Array
 
@@ -39,10 +38,10 @@ VARIANTS: dict[str, dict[str, int]] = {
 
 POOL_TYPES = ("tok", "gap", "map")
 POSEMB_TYPES = ("learn", "sincos2d")
-ATTENTION_IMPLS = attention_backends.IMPLEMENTATIONS
+ATTENTION_IMPLS = layers.IMPLEMENTATIONS
 # Model fields that change speed and memory but not the parameters (nor, but for rounding, the
-# values): every config lists them, and evaluating a checkpoint takes them from the config.
-SPEED_OPTIONS = ("attention_impl", "attention_pad_multiple", "gelu_recompute", "fused_qkv")
+# values): evaluating a checkpoint takes them from the config, the rest from the checkpoint.
+SPEED_OPTIONS = ("attention_impl", "attention_pad_multiple", "gelu_recompute")
 
 # "none" means no rematerialisation at all; every other name is a jax.checkpoint policy
 # ("full" is the usual alias for saving nothing, i.e. recomputing the whole block).
@@ -94,7 +93,7 @@ def posemb_sincos_2d(height: int, width: int, dim: int, temperature: float = 10_
 class MlpBlock(nn.Module):
     """Dense -> GELU(tanh) -> Dropout -> Dense -> Dropout, as in vit_jax.
 
-    `gelu_recompute`: the GELU's backward pass keeps only its input (activations.py).
+    `gelu_recompute`: the GELU's backward pass keeps only its input (layers.gelu_recomputed).
     """
 
     mlp_dim: int
@@ -110,7 +109,7 @@ class MlpBlock(nn.Module):
             kernel_init=boxed(nn.initializers.xavier_uniform(), ("embed", "mlp")),
             bias_init=boxed(nn.initializers.normal(stddev=1e-6), ("mlp",)), name="Dense_0")(x)
         x = constrain(x, HIDDEN)
-        x = (activations.gelu_recomputed if self.gelu_recompute else activations.gelu)(x)
+        x = (layers.gelu_recomputed if self.gelu_recompute else layers.gelu)(x)
         x = nn.Dropout(rate=self.dropout)(x, deterministic)
         x = nn.Dense(
             width, dtype=self.dtype, param_dtype=jnp.float32,
@@ -148,7 +147,6 @@ class Encoder1DBlock(nn.Module):
     attention_impl: str | None = None
     kv_length: int | None = None  # tokens from here on are padding that attention must ignore
     gelu_recompute: bool = True
-    fused_qkv: bool = False
 
     @nn.compact
     def __call__(self, x: Array, drop_path_rate: Array | float, deterministic: bool) -> tuple[Array, None]:
@@ -157,8 +155,7 @@ class Encoder1DBlock(nn.Module):
 
         y = _layer_norm("LayerNorm_0", self.dtype)(x)
         y = Attention(num_heads=self.num_heads, dtype=self.dtype, implementation=self.attention_impl,
-                      kv_length=self.kv_length, fused_qkv=self.fused_qkv,
-                      name="MultiHeadDotProductAttention_1")(y, y)
+                      kv_length=self.kv_length, name="MultiHeadDotProductAttention_1")(y, y)
         y = nn.Dropout(rate=self.dropout)(y, deterministic)
         if drop_path:
             y = _drop_path(self, y, drop_path_rate)
@@ -191,7 +188,6 @@ class Encoder(nn.Module):
     attention_impl: str | None = None
     pad_multiple: int | None = None  # pad the tokens once to a multiple of this (see Model)
     gelu_recompute: bool = True
-    fused_qkv: bool = False
 
     @nn.compact
     def __call__(self, x: Array, deterministic: bool) -> Array:
@@ -208,7 +204,7 @@ class Encoder(nn.Module):
                             use_drop_path=self.stoch_depth > 0, dtype=self.dtype,
                             attention_impl=self.attention_impl,
                             kv_length=length if self.pad_multiple else None,
-                            gelu_recompute=self.gelu_recompute, fused_qkv=self.fused_qkv)
+                            gelu_recompute=self.gelu_recompute)
         block_cls = Encoder1DBlock
         policy = REMAT_POLICIES[self.remat_policy]
         if self.remat_policy != "none":
@@ -283,12 +279,16 @@ class ViTDims:
 
 
 class Model(nn.Module):
-    """ViT classifier over NHWC images in [-1, 1], or uint8 pixels it maps there (pixels.py).
+    """ViT classifier over NHWC images in [-1, 1], or uint8 pixels it maps there
+    (layers.to_model_range).
 
     `attention_impl="auto"` (the default) runs attention in cuDNN's fused kernel on GPUs, with
-    the tokens padded once to an even length for it (B/16 bf16 training step at batch 256 on an
-    H100: 76.1 ms, vs 103 ms with XLA's attention), and in XLA elsewhere; the parameters and
+    the tokens padded once to an even length for it (a much faster training step than XLA's
+    attention on GPUs, docs/performance.md section 3), and in XLA elsewhere; the parameters and
     values are the same either way.
+
+    The defaults here are the speed options' defaults too: configs build `config.model` from
+    them (configs/common.py:model_config) and name only what they change.
 
     `__call__(images, train=False, return_features=False)` returns float32 logits
     [batch, num_classes], or `(logits, features)` where features are the pooled
@@ -318,21 +318,15 @@ class Model(nn.Module):
     # masked as keys and dropped after the blocks), so cuDNN's attention gets a length it accepts
     # without every block padding and slicing q/k/v. None (default): 2 where cuDNN attention is
     # used (GPU, 16-bit dtype; 197 -> 198 tokens), no padding elsewhere; 1: never pad once (blocks
-    # pad for cuDNN themselves). H100, B/16 batch 256: see docs/performance.md section 3.
+    # pad for cuDNN themselves). What padding once saves: docs/performance.md, section 3.
     # Dropout masks are drawn over the padded shape, so runs with dropout differ from unpadded ones
     # (by default: GPU runs from CPU runs, and from runs before the padding existed).
     attention_pad_multiple: int | None = None
-    # Two forms of the block that compute the same values and move fewer bytes (parameters and
-    # checkpoints are the same either way; docs/performance.md, section 3, has the runs).
-    # gelu_recompute (on): the GELU's backward pass recomputes tanh from its input instead of
-    # keeping it (activations.py). H100, B/16 bf16 batch 256: device memory 19.5 -> 16.0 GiB, and
-    # with the GPU step's compiler options (coyo_vit/compiler_options.py) the GELU folds into the
-    # cuBLASLt epilogue: 76.5 -> 73.4 ms. On this project's CPU: 7.50 vs 8.83 GB of temporaries.
-    # fused_qkv (off): self-attention runs query, key and value as one product over their stacked
-    # kernels (attention.py); measured no faster on the H100 (76.2 vs 76.3 ms; 73.8 vs 73.4 ms
-    # with the epilogues), so off.
+    # The GELU's backward pass recomputes tanh from its input instead of keeping it
+    # (layers.gelu_recomputed): the same values and parameters, less device memory, and on GPUs,
+    # with the steps' compiler options (coyo_vit/training/step.py), the bias and GELU fold into
+    # the GEMM's cuBLASLt epilogue, a faster step. Measured: docs/performance.md, section 3.
     gelu_recompute: bool = True
-    fused_qkv: bool = False
 
     def __post_init__(self) -> None:
         # Validate at construction so a bad config fails before any tracing or compilation.
@@ -340,7 +334,7 @@ class Model(nn.Module):
         _check_choice("posemb", self.posemb, POSEMB_TYPES)
         _check_choice("remat_policy", self.remat_policy, tuple(REMAT_POLICIES))
         _check_choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
-        for field in ("scan", "gelu_recompute", "fused_qkv"):
+        for field in ("scan", "gelu_recompute"):
             if not isinstance(getattr(self, field), (bool, np.bool_)):
                 raise ValueError(f"{field} must be True or False, got {getattr(self, field)!r}.")
         for field in ("dropout", "stoch_depth"):
@@ -388,7 +382,7 @@ class Model(nn.Module):
         `attention_pad_multiple`, or when unset what the attention backend wants."""
         if self.attention_pad_multiple is not None:
             return self.attention_pad_multiple
-        return attention_backends.pad_once_multiple(self.attention_impl, self.dtype)
+        return layers.pad_once_multiple(self.attention_impl, self.dtype)
 
     @property
     def representation_size(self) -> int | None:
@@ -415,7 +409,7 @@ class Model(nn.Module):
             dtype=dtype, param_dtype=jnp.float32,
             kernel_init=boxed(nn.initializers.lecun_normal(), ("patch_h", "patch_w", "channels", "embed")),
             bias_init=boxed(nn.initializers.zeros, ("embed",)),
-            name="embedding")(pixels.to_model_range(images, dtype))
+            name="embedding")(layers.to_model_range(images, dtype))
         batch, grid_h, grid_w, width = x.shape
         x = constrain(jnp.reshape(x, (batch, grid_h * grid_w, width)), TOKENS)
 
@@ -430,7 +424,7 @@ class Model(nn.Module):
             stoch_depth=self.stoch_depth, scan=self.scan, remat_policy=self.remat_policy,
             dtype=dtype, attention_impl=self.attention_impl,
             pad_multiple=self.token_pad_multiple, gelu_recompute=self.gelu_recompute,
-            fused_qkv=self.fused_qkv, name="Transformer")(x, deterministic)
+            name="Transformer")(x, deterministic)
 
         if self.pool_type == "tok":
             x = x[:, 0]

@@ -1,0 +1,248 @@
+"""The training loop shared by train.py (pretraining) and fine-tuning: one straight line.
+
+Order of events: parse and check the whole config -> mesh and batch split -> model, optimizer
+and the state's shardings -> evaluators (built, so a bad one fails before training) -> the
+data (demo data written, TFDS prepared) -> restore the latest checkpoint of the workdir or
+initialise -> the data stream from the restored position -> steps, with periodic logging,
+asynchronous checkpoints and evaluations.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import tensorflow as tf
+from flax import linen as nn
+from jax.experimental import multihost_utils
+
+from checkpoints.orbax_io import TrainCheckpointer
+from coyo_vit.models import Model, count_params
+from coyo_vit.training import run_config, runtime, sharding
+from coyo_vit.training.evaluators.registry import build_evaluators, is_due
+from coyo_vit.training.metric_logging import MetricLogger
+from coyo_vit.training.step import (
+    TrainState,
+    compiler_options_for_mesh,
+    init_state,
+    make_train_step,
+    state_shardings,
+)
+from input_pipeline import data_source
+from input_pipeline.demo import digits as demo_digits
+from input_pipeline.demo import shards as demo_shards
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+    """Trains (or resumes training) per `config` in `workdir`; returns the final state."""
+    run_cfg = run_config.parse(config, workdir)  # every section checked before any work
+    process_index, process_count = jax.process_index(), jax.process_count()
+    is_main = process_index == 0
+
+    # Devices, mesh and batch split. Errors here name the numbers that do not divide.
+    mesh = sharding.make_mesh(run_cfg.mesh_axes)
+    rules = sharding.rules_from_config(run_cfg.sharding_rules)
+    local_batch = sharding.check_batch_size(run_cfg.batch_size, mesh, process_count)
+    accum = run_cfg.grad_accum_steps
+    if run_cfg.batch_size % (accum * sharding.data_parallel_size(mesh)):
+        raise ValueError(f"Batch size {run_cfg.batch_size} is not divisible by grad_accum_steps={accum} "
+                         f"x {sharding.data_parallel_size(mesh)} data-parallel devices.")
+    logging.info("Process %d/%d, %d local of %d devices, mesh %s", process_index, process_count,
+                 jax.local_device_count(), jax.device_count(), dict(mesh.shape))
+
+    # Model, optimizer and where every piece of the state lives.
+    model = run_cfg.model
+    with nn.logical_axis_rules(rules):
+        abstract, shardings = state_shardings(model, run_cfg.tx, run_cfg.image_shape, mesh, rules,
+                                              run_cfg.param_sharding,
+                                              ema=run_cfg.ema_decay is not None)
+    logging.info("Model: %s parameters; %.1f MiB of params + optimizer state per device",
+                 f"{count_params(abstract.params):,}", sharding.bytes_per_device(abstract) / 2**20)
+
+    # The data: demo data written and TFDS prepared by process 0, then every evaluator built
+    # (each checks its data and class count) before anything trains.
+    tf.io.gfile.makedirs(workdir)  # gs:// too, like the checkpoints
+    runtime.enable_compilation_cache(run_cfg.compilation_cache_dir)
+    source = data_source.open_source(run_cfg.input, process_index=process_index,
+                                     process_count=process_count)
+    if is_main:
+        _write_demo_data(config)
+        source.prepare()
+    multihost_utils.sync_global_devices("inputs_prepared")
+    if is_main:
+        with tf.io.gfile.GFile(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+    evaluators = build_evaluators(run_cfg.evals, model=model, mesh=mesh,
+                                  params_shardings=shardings.params, loss_fn=run_cfg.loss_fn,
+                                  train_input=run_cfg.input)
+
+    # Resume from the workdir's latest checkpoint (no flag needed) or start fresh.
+    checkpointer = TrainCheckpointer(workdir, max_to_keep=run_cfg.keep_checkpoints,
+                                     compress=run_cfg.checkpoint_compression)
+    latest = checkpointer.latest_step()
+    if latest is None:
+        params = _init_params(run_cfg, model) if run_cfg.init else None
+        state = init_state(model, run_cfg.tx, run_cfg.image_shape, run_cfg.seed, shardings, params)
+    else:
+        restored, meta = checkpointer.restore(latest, abstract.as_checkpoint())
+        state = TrainState.from_checkpoint(restored)
+        if len(meta["data_positions"]) != process_count:
+            raise ValueError(f"Checkpoint step {latest} was written by {len(meta['data_positions'])} "
+                             f"processes, this run has {process_count}: the data position cannot be mapped.")
+        source.restore(meta, process_index)
+        logging.info("Resumed from step %d (data position %d)", latest, source.position)
+    first_step = int(jax.device_get(state.step))
+
+    batches = sharding.DevicePrefetcher(source.batches(local_batch, run_cfg.seed),
+                                        sharding.batch_sharding(mesh), depth=run_cfg.device_prefetch)
+    train_step = make_train_step(model, run_cfg.tx, run_cfg.loss_fn, shardings,
+                                 sharding.batch_sharding(mesh), run_cfg.schedule,
+                                 grad_accum_steps=accum, ema_decay=run_cfg.ema_decay,
+                                 mixup_alpha=run_cfg.mixup_alpha,
+                                 skip_nonfinite=run_cfg.skip_nonfinite)
+    logging.info("Steps compiled with XLA options %s (coyo_vit/training/step.py; XLA_FLAGS: %s)",
+                 compiler_options_for_mesh(mesh), os.environ.get("XLA_FLAGS") or "unset")
+    logger = MetricLogger(workdir, is_main=is_main, resume_step=first_step,
+                          batch_size=run_cfg.batch_size)
+    progress = logger.progress(run_cfg.total_steps, run_cfg.log_every_steps)
+    progress(first_step)  # the clock starts here: the rate excludes set-up and compilation
+    pending: list[dict[str, jax.Array]] = []  # device metrics since the last log: no per-step host sync
+    preemption = runtime.PreemptionWatcher()
+    total = run_cfg.total_steps
+
+    try:
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            for step in range(first_step + 1, total + 1):
+                batch, host = next(batches)
+                state, step_metrics = train_step(state, batch)
+                pending.append(step_metrics)
+                source.observe(host)
+                progress(step)
+
+                stop = preemption.should_stop(step)
+                save = stop or step % run_cfg.checkpoint_every_steps == 0 or step == total
+                # A preempted run logs what it has too: the steps since the last log are not lost.
+                log_now = stop or step % run_cfg.log_every_steps == 0 or step == total
+                if save or log_now:
+                    host_metrics = jax.device_get(pending)
+                    # Never checkpoint (nor go on from) non-finite parameters. The loss is that of
+                    # the parameters before the update, so the parameter norm after it is checked
+                    # too; with skip_nonfinite a bad step kept the last finite parameters, so only
+                    # they are checked.
+                    _check_finite(host_metrics, step - len(pending) + 1, workdir,
+                                  run_cfg.skip_nonfinite)
+                    data_state = _gather_state(source.state())
+                if log_now:
+                    scalars = {k: float(np.sum(v) if k == "train/skipped_nonfinite" else np.nanmean(v))
+                               for k, v in jax.tree.map(lambda *xs: np.stack(xs), *host_metrics).items()}
+                    pending.clear()
+                    scalars["data/skipped_records"] = sum(data_state["skipped"])
+                    scalars.update({f"data/{key}": float(sum(values)) for key, values in data_state.items()
+                                    if key.startswith("skipped/") and sum(values)})
+                    scalars = logger.write(step, scalars)
+                    if is_main:
+                        logging.info("step %d/%d  loss %.4f  lr %.3g  %.1f img/s  (skipped %d bad records)",
+                                     step, total, scalars["train/loss"], scalars["train/lr"],
+                                     scalars.get("train/images_per_sec", float("nan")),
+                                     scalars["data/skipped_records"])
+
+                # Saved before the evaluations: one that fails must not cost this step's checkpoint.
+                if save:
+                    meta = {"model": _model_kwargs(run_cfg), "step": step,
+                            **source.checkpoint_meta(data_state)}
+                    checkpointer.save(step, state.as_checkpoint(), meta)
+                if stop:
+                    logging.warning("Preempted: checkpoint of step %d written; exiting.", step)
+                    break
+
+                for name, evaluator in evaluators.items():
+                    if is_due(evaluator.every_steps, step, total):
+                        started = time.perf_counter()
+                        with progress.timed(name, wait_jax_async_dispatch=False):
+                            results = evaluator.evaluate(state.eval_params)
+                        logger.write(step, results)
+                        if is_main:
+                            logging.info("step %d %s: %s (%.1fs)", step, name,
+                                         json.dumps({k: round(v, 4) for k, v in results.items()}),
+                                         time.perf_counter() - started)
+    finally:
+        # Also when a step, the data or an evaluator fails: the checkpoint being written in the
+        # background is finished and committed, not left as a temporary directory.
+        preemption.close()
+        batches.close()
+        checkpointer.close()
+        logger.close()
+    return state
+
+
+def _write_demo_data(config: ml_collections.ConfigDict) -> None:
+    """The embedded demos' data, where run_config.parse pointed the input (process 0 only)."""
+    if config.get("demo_data") is not None:
+        demo_shards.ensure_demo_shards(config.input.data.files, num_images=config.demo_data.num_images,
+                                       image_size=config.demo_data.image_size)
+    if config.get("demo_digits") is not None:
+        demo_digits.ensure_digits_folder(config.input.data.root,
+                                         image_size=config.demo_digits.image_size)
+
+
+def _check_finite(step_metrics: list[dict[str, Any]], first_step: int, workdir: str,
+                  skip_nonfinite: bool) -> None:
+    """Stops the run at the first step with a non-finite loss or parameter norm (only the norm
+    with skip_nonfinite), naming the step and the metric; earlier checkpoints stay."""
+    keys = ("train/param_norm",) if skip_nonfinite else ("train/loss", "train/param_norm")
+    advice = ("lower the learning rate" if skip_nonfinite else "lower the learning rate or set "
+              "config.optimizer.skip_nonfinite=True to skip such updates")
+    for offset, metrics in enumerate(step_metrics):
+        for key in keys:
+            value = float(metrics[key])
+            if not np.isfinite(value):
+                what = {"train/loss": "training loss",
+                        "train/param_norm": "parameter norm after the update"}[key]
+                raise FloatingPointError(
+                    f"Non-finite {what} ({value}) at step {first_step + offset}. The last good "
+                    f"checkpoint in {workdir} is kept; {advice}.")
+
+
+def _init_params(run_cfg: run_config.RunConfig, model: Model) -> Any:
+    """Parameters of `config.init` adapted to this run's head, pre-logits and resolution."""
+    import checkpoints  # late: the format readers; TensorFlow only for coyo-vit TF checkpoints
+
+    dims = model.dims
+    # num_heads: TensorFlow's 2-D attention kernels cannot tell it; the config's model can.
+    params, loaded = checkpoints.load(
+        run_cfg.init, num_classes=run_cfg.num_classes, scan=model.scan,
+        rep_size=model.representation_size, image_size=run_cfg.image_size,
+        head_kernel_init=model.head_kernel_init, head_bias_init=model.head_bias_init,
+        num_heads=dims.num_heads)
+    wanted = {"patch_size": dims.patch_size, "width": dims.width, "depth": dims.depth,
+              "mlp_dim": dims.mlp_dim, "num_heads": dims.num_heads, "pool_type": model.pool_type,
+              "posemb": model.posemb}
+    mismatched = {k: (loaded.get(k), v) for k, v in wanted.items() if loaded.get(k) != v}
+    if mismatched:
+        raise ValueError(f"config.init {run_cfg.init!r} does not match config.model: "
+                         + ", ".join(f"{k} checkpoint={a} config={b}" for k, (a, b) in mismatched.items()))
+    logging.info("Initialised from %s", run_cfg.init)
+    return params
+
+
+def _gather_state(state: Mapping[str, int]) -> dict[str, list[int]]:
+    """Each value of every process's `state`, in process order, in one collective (all
+    processes call it; their states have the same keys)."""
+    values = np.asarray(list(state.values()), np.int64)
+    if jax.process_count() > 1:
+        values = np.asarray(multihost_utils.process_allgather(values))
+    values = values.reshape(-1, len(state))
+    return {key: [int(v) for v in values[:, i]] for i, key in enumerate(state)}
+
+
+def _model_kwargs(run_cfg: run_config.RunConfig) -> dict[str, Any]:
+    """Model description stored with each checkpoint so it loads without the config."""
+    kwargs = {"num_classes": run_cfg.num_classes, **run_cfg.model_kwargs}
+    kwargs["dtype"] = str(kwargs.get("dtype", "float32"))
+    return kwargs

@@ -1,0 +1,157 @@
+"""The command line of train.py and finetune.py, and the run config parsed once, up front.
+
+`parse(config, workdir)` turns the ml_collections config into a `RunConfig`: the model, the
+optimizer and its schedule, the loss, the mesh and sharding rules, the parsed input section
+(the data source's config) and the evaluator sections (the holdout included). Every section is
+checked here, before any data is prepared or any step compiled, so a typo fails in seconds; the
+loop and the builders take the typed objects and never read the ConfigDict again.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import ml_collections
+import optax
+from absl import app, flags
+from ml_collections import config_flags
+
+from coyo_vit.config_keys import check_keys
+from coyo_vit.models import Model
+from coyo_vit.training import optimizer, runtime
+from coyo_vit.training.step import get_loss
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file, optionally with an argument: configs/X.py:arg=val,arg2=val2. "
+    "Override any value with --config.key=value; unknown keys are an error.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and metrics.jsonl; "
+                               "a workdir holding a checkpoint is resumed.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0, for clusters that jax.distributed does not "
+    "detect by itself (TPU pods and SLURM are detected; leave unset there).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job (with --coordinator_address).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's rank (with --coordinator_address).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+# Top-level keys a training config may hold; anything else is a typo.
+TOP_LEVEL_KEYS = (
+    "seed", "num_classes", "image_size", "batch_size", "grad_accum_steps", "total_steps", "loss",
+    "model", "init", "input", "demo_data", "demo_digits", "optimizer", "schedule", "ema_decay",
+    "mixup_alpha", "evals", "eval_batch_size", "eval_every_steps", "log_every_steps",
+    "checkpoint_every_steps", "keep_checkpoints", "checkpoint_compression", "device_prefetch",
+    "compilation_cache_dir", "mesh", "sharding_rules", "param_sharding")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """A training run, parsed and checked: what the loop needs and nothing it must re-read."""
+    seed: int
+    num_classes: int
+    image_size: int
+    batch_size: int
+    grad_accum_steps: int
+    total_steps: int
+    model_kwargs: dict[str, Any]          # Model(**model_kwargs): the config's model section
+    init: str | None                      # a checkpoint to start from (fine-tuning)
+    input: Any                            # input_pipeline's parsed input section
+    loss_fn: Callable[[jax.Array, jax.Array], jax.Array]
+    schedule: optax.Schedule
+    tx: optax.GradientTransformation
+    skip_nonfinite: bool
+    ema_decay: float | None
+    mixup_alpha: float
+    evals: dict[str, dict[str, Any]]      # evaluator sections by name, the holdout included
+    mesh_axes: dict[str, int]
+    sharding_rules: Any
+    param_sharding: tuple
+    log_every_steps: int
+    checkpoint_every_steps: int
+    keep_checkpoints: int
+    checkpoint_compression: bool
+    device_prefetch: int
+    compilation_cache_dir: str | None
+    raw: ml_collections.ConfigDict        # as given, for WORKDIR/config.json
+
+    @property
+    def model(self) -> Model:
+        return Model(num_classes=self.num_classes, **self.model_kwargs)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (self.image_size, self.image_size, 3)
+
+
+def parse(config: ml_collections.ConfigDict, workdir: str) -> RunConfig:
+    """Checks every section of `config` and returns the typed run (see the module docstring).
+
+    The embedded demos' data sections point the input at the data they will write into
+    `workdir`; nothing is written here.
+    """
+    from input_pipeline import data_source  # late: TensorFlow only once a run is set up
+
+    check_keys(config, TOP_LEVEL_KEYS, "config")
+    with config.unlocked():
+        if config.get("demo_data") is not None:
+            config.input.data.files = config.demo_data.out_dir or os.path.join(workdir, "demo_data")
+        if config.get("demo_digits") is not None:
+            # A shared field: the evaluators' data sections follow it.
+            config.demo_digits.out_dir = config.demo_digits.out_dir or os.path.join(workdir, "digits")
+            config.input.data.root = config.demo_digits.out_dir
+    model_kwargs = config.model.to_dict()
+    Model(num_classes=config.num_classes, **model_kwargs)  # checks its fields and the variant
+    schedule = optimizer.make_schedule(config.schedule, config.total_steps)
+    skip_nonfinite = bool(config.optimizer.get("skip_nonfinite", False))
+    evals = {name: dict(section) for name, section in _as_dict(config.get("evals")).items()}
+    if config.get("eval_every_steps"):
+        if "holdout" in evals:
+            raise ValueError("config.evals.holdout clashes with the holdout evaluator that "
+                             "config.eval_every_steps adds (both would write holdout/...): rename "
+                             "the entry of config.evals, or set eval_every_steps=0")
+        evals["holdout"] = dict(type="holdout", every_steps=int(config.eval_every_steps),
+                                batch_size=config.eval_batch_size)
+    accum = config.get("grad_accum_steps", 1)
+    if not isinstance(accum, int) or accum < 1:
+        raise ValueError(f"config.grad_accum_steps must be an int >= 1, got {accum!r}")
+    return RunConfig(
+        seed=config.seed, num_classes=config.num_classes, image_size=config.image_size,
+        batch_size=config.batch_size, grad_accum_steps=accum, total_steps=config.total_steps,
+        model_kwargs=model_kwargs, init=config.get("init") or None,
+        input=data_source.parse_input(config.input), loss_fn=get_loss(config.loss),
+        schedule=schedule, tx=optimizer.make_optimizer(config.optimizer, schedule),
+        skip_nonfinite=skip_nonfinite, ema_decay=config.get("ema_decay"),
+        mixup_alpha=config.get("mixup_alpha", 0.0), evals=evals,
+        mesh_axes=dict(config.mesh), sharding_rules=config.get("sharding_rules"),
+        param_sharding=tuple(config.get("param_sharding", ())),
+        log_every_steps=config.log_every_steps, checkpoint_every_steps=config.checkpoint_every_steps,
+        keep_checkpoints=config.keep_checkpoints,
+        checkpoint_compression=config.get("checkpoint_compression", False),
+        device_prefetch=config.get("device_prefetch", 2),
+        compilation_cache_dir=config.get("compilation_cache_dir") or None, raw=config)
+
+
+def _as_dict(section: Any) -> Mapping[str, Any]:
+    if section is None:
+        return {}
+    return section.to_dict() if hasattr(section, "to_dict") else dict(section)
+
+
+def main(argv: list[str], *, require_init: bool) -> None:
+    """Body of train.py's and finetune.py's main(): join the runtime, then the train loop."""
+    from coyo_vit.training import loop  # late: the loop pulls in orbax and the evaluators
+
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    config = _CONFIG.value
+    if require_init and not config.get("init"):
+        raise app.UsageError("Fine-tuning needs --config.init=PATH (a checkpoint to start from); "
+                             "use train.py to train from scratch.")
+    try:
+        runtime.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    except ValueError as err:  # inconsistent multi-process flags: a usage error, not a crash
+        raise app.UsageError(str(err)) from None
+    loop.run(config, _WORKDIR.value)
+    logging.info("Finished; results in %s", _WORKDIR.value)
