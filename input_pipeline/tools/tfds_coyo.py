@@ -186,6 +186,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from input_pipeline import tfds_coyo as registered  # the importable copy of this module
+    from input_pipeline.tools import tfds_coyo as registered  # the importable copy of this module
 
     sys.exit(registered.main())
