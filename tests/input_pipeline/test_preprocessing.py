@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -11,8 +10,9 @@ import tensorflow as tf
 from PIL import Image
 
 from input_pipeline import ops_image, ops_labels, pp_parser, registry, sources
+from tests.conftest import SHARED
 
-SHARDS = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "coyo_shards" / "shards"
+SHARDS = SHARED / "fixtures" / "coyo_shards" / "shards"
 NUM_CLASSES = 21841
 
 
