@@ -95,12 +95,14 @@ class MlpBlock(nn.Module):
     """Dense -> GELU(tanh) -> Dropout -> Dense -> Dropout, as in vit_jax.
 
     `gelu_recompute`: the GELU's backward pass keeps only its input (activations.py).
+    `gelu_approximate=False`: the exact erf GELU instead, as PyTorch ViTs (timm, HF) use.
     """
 
     mlp_dim: int
     dropout: float = 0.0
     dtype: Any = jnp.float32
     gelu_recompute: bool = True
+    gelu_approximate: bool = True
 
     @nn.compact
     def __call__(self, x: Array, deterministic: bool = True) -> Array:
@@ -110,7 +112,10 @@ class MlpBlock(nn.Module):
             kernel_init=boxed(nn.initializers.xavier_uniform(), ("embed", "mlp")),
             bias_init=boxed(nn.initializers.normal(stddev=1e-6), ("mlp",)), name="Dense_0")(x)
         x = constrain(x, HIDDEN)
-        x = (activations.gelu_recomputed if self.gelu_recompute else activations.gelu)(x)
+        if not self.gelu_approximate:
+            x = jax.nn.gelu(x, approximate=False)
+        else:
+            x = (activations.gelu_recomputed if self.gelu_recompute else activations.gelu)(x)
         x = nn.Dropout(rate=self.dropout)(x, deterministic)
         x = nn.Dense(
             width, dtype=self.dtype, param_dtype=jnp.float32,
@@ -120,9 +125,9 @@ class MlpBlock(nn.Module):
         return nn.Dropout(rate=self.dropout)(x, deterministic)
 
 
-def _layer_norm(name: str, dtype: Any) -> nn.LayerNorm:
+def _layer_norm(name: str, dtype: Any, epsilon: float = 1e-6) -> nn.LayerNorm:
     return nn.LayerNorm(
-        epsilon=1e-6, dtype=dtype, param_dtype=jnp.float32,
+        epsilon=epsilon, dtype=dtype, param_dtype=jnp.float32,
         scale_init=boxed(nn.initializers.ones, ("embed",)),
         bias_init=boxed(nn.initializers.zeros, ("embed",)), name=name)
 
@@ -149,13 +154,15 @@ class Encoder1DBlock(nn.Module):
     kv_length: int | None = None  # tokens from here on are padding that attention must ignore
     gelu_recompute: bool = True
     fused_qkv: bool = False
+    gelu_approximate: bool = True
+    layer_norm_eps: float = 1e-6
 
     @nn.compact
     def __call__(self, x: Array, drop_path_rate: Array | float, deterministic: bool) -> tuple[Array, None]:
         x = constrain(x, TOKENS)
         drop_path = self.use_drop_path and not deterministic
 
-        y = _layer_norm("LayerNorm_0", self.dtype)(x)
+        y = _layer_norm("LayerNorm_0", self.dtype, self.layer_norm_eps)(x)
         y = Attention(num_heads=self.num_heads, dtype=self.dtype, implementation=self.attention_impl,
                       kv_length=self.kv_length, fused_qkv=self.fused_qkv,
                       name="MultiHeadDotProductAttention_1")(y, y)
@@ -164,9 +171,10 @@ class Encoder1DBlock(nn.Module):
             y = _drop_path(self, y, drop_path_rate)
         x = x + y
 
-        y = _layer_norm("LayerNorm_2", self.dtype)(x)
+        y = _layer_norm("LayerNorm_2", self.dtype, self.layer_norm_eps)(x)
         y = MlpBlock(mlp_dim=self.mlp_dim, dropout=self.dropout, dtype=self.dtype,
-                     gelu_recompute=self.gelu_recompute, name="MlpBlock_3")(y, deterministic)
+                     gelu_recompute=self.gelu_recompute, gelu_approximate=self.gelu_approximate,
+                     name="MlpBlock_3")(y, deterministic)
         if drop_path:
             y = _drop_path(self, y, drop_path_rate)
         x = constrain(x + y, TOKENS)
@@ -192,6 +200,8 @@ class Encoder(nn.Module):
     pad_multiple: int | None = None  # pad the tokens once to a multiple of this (see Model)
     gelu_recompute: bool = True
     fused_qkv: bool = False
+    gelu_approximate: bool = True
+    layer_norm_eps: float = 1e-6
 
     @nn.compact
     def __call__(self, x: Array, deterministic: bool) -> Array:
@@ -208,7 +218,8 @@ class Encoder(nn.Module):
                             use_drop_path=self.stoch_depth > 0, dtype=self.dtype,
                             attention_impl=self.attention_impl,
                             kv_length=length if self.pad_multiple else None,
-                            gelu_recompute=self.gelu_recompute, fused_qkv=self.fused_qkv)
+                            gelu_recompute=self.gelu_recompute, fused_qkv=self.fused_qkv,
+                            gelu_approximate=self.gelu_approximate, layer_norm_eps=self.layer_norm_eps)
         block_cls = Encoder1DBlock
         policy = REMAT_POLICIES[self.remat_policy]
         if self.remat_policy != "none":
@@ -229,7 +240,7 @@ class Encoder(nn.Module):
                 x, _ = block_cls(name=f"encoderblock_{i}", **block_kwargs)(
                     x, float(rates[i]), deterministic)
 
-        return _layer_norm("encoder_norm", self.dtype)(x[:, :length])
+        return _layer_norm("encoder_norm", self.dtype, self.layer_norm_eps)(x[:, :length])
 
     def _position_embedding(self, length: int, width: int) -> Array:
         if self.posemb == "learn":
@@ -257,6 +268,8 @@ class MAPHead(nn.Module):
     num_heads: int
     dtype: Any = jnp.float32
     attention_impl: str | None = None
+    gelu_approximate: bool = True
+    layer_norm_eps: float = 1e-6
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -266,8 +279,9 @@ class MAPHead(nn.Module):
         probe = jnp.tile(probe.astype(self.dtype), (batch, 1, 1))
         x = Attention(num_heads=self.num_heads, dtype=self.dtype, implementation=self.attention_impl,
                       name="MultiHeadDotProductAttention_0")(probe, x)
-        y = _layer_norm("LayerNorm_0", self.dtype)(x)
-        x = x + MlpBlock(mlp_dim=self.mlp_dim, dtype=self.dtype, name="MlpBlock_0")(y)
+        y = _layer_norm("LayerNorm_0", self.dtype, self.layer_norm_eps)(x)
+        x = x + MlpBlock(mlp_dim=self.mlp_dim, dtype=self.dtype, gelu_approximate=self.gelu_approximate,
+                         name="MlpBlock_0")(y)
         return x[:, 0]
 
 
@@ -333,6 +347,11 @@ class Model(nn.Module):
     # with the epilogues), so off.
     gelu_recompute: bool = True
     fused_qkv: bool = False
+    # The numerics of imported PyTorch ViTs (checkpoints/ sets them from the checkpoint's config):
+    # timm and Hugging Face use the exact erf GELU, and HF's ViT LayerNorms default to eps 1e-12.
+    # Ours, vit_jax's and big_vision's: tanh GELU, eps 1e-6.
+    gelu_approximate: bool = True
+    layer_norm_eps: float = 1e-6
 
     def __post_init__(self) -> None:
         # Validate at construction so a bad config fails before any tracing or compilation.
@@ -340,13 +359,16 @@ class Model(nn.Module):
         _check_choice("posemb", self.posemb, POSEMB_TYPES)
         _check_choice("remat_policy", self.remat_policy, tuple(REMAT_POLICIES))
         _check_choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
-        for field in ("scan", "gelu_recompute", "fused_qkv"):
+        for field in ("scan", "gelu_recompute", "fused_qkv", "gelu_approximate"):
             if not isinstance(getattr(self, field), (bool, np.bool_)):
                 raise ValueError(f"{field} must be True or False, got {getattr(self, field)!r}.")
         for field in ("dropout", "stoch_depth"):
             rate = getattr(self, field)
             if not 0.0 <= rate < 1.0:
                 raise ValueError(f"{field} must be in [0, 1), got {rate!r}.")
+        if isinstance(self.layer_norm_eps, bool) or not (
+                isinstance(self.layer_norm_eps, (int, float, np.floating)) and self.layer_norm_eps > 0):
+            raise ValueError(f"layer_norm_eps must be a positive float, got {self.layer_norm_eps!r}.")
         dims = self.dims
         if dims.width % dims.num_heads:
             raise ValueError(f"width={dims.width} is not divisible by num_heads={dims.num_heads}.")
@@ -430,7 +452,8 @@ class Model(nn.Module):
             stoch_depth=self.stoch_depth, scan=self.scan, remat_policy=self.remat_policy,
             dtype=dtype, attention_impl=self.attention_impl,
             pad_multiple=self.token_pad_multiple, gelu_recompute=self.gelu_recompute,
-            fused_qkv=self.fused_qkv, name="Transformer")(x, deterministic)
+            fused_qkv=self.fused_qkv, gelu_approximate=self.gelu_approximate,
+            layer_norm_eps=self.layer_norm_eps, name="Transformer")(x, deterministic)
 
         if self.pool_type == "tok":
             x = x[:, 0]
@@ -438,7 +461,8 @@ class Model(nn.Module):
             x = jnp.mean(x, axis=1)
         else:
             x = MAPHead(mlp_dim=dims.mlp_dim, num_heads=dims.num_heads, dtype=dtype,
-                        attention_impl=self.attention_impl, name="MAPHead_0")(x)
+                        attention_impl=self.attention_impl, gelu_approximate=self.gelu_approximate,
+                        layer_norm_eps=self.layer_norm_eps, name="MAPHead_0")(x)
 
         feature_axis = "embed"
         rep = self.representation_size
