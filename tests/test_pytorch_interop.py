@@ -132,6 +132,20 @@ def test_hf_export_of_a_coyo_vit_checkpoint_reproduces_its_keras_logits(tmp_path
         diff = float(np.abs(got - want).max())
         _record(f"{name} export of coyo-vit TF fixture vs its Keras logits", diff)
         assert diff < TOL
+    # predict's check on a real photo: the exported model's top-5 is ours.
+    from matplotlib import cbook
+    from PIL import Image
+
+    with Image.open(cbook.get_sample_data("grace_hopper.jpg")) as photo:
+        photo.convert("RGB").resize((48, 48), Image.BILINEAR).save(tmp_path / "photo.png")
+    with Image.open(tmp_path / "photo.png") as photo:
+        pixels = np.asarray(photo)[None]
+        inputs = transformers.AutoImageProcessor.from_pretrained(tmp_path / "hf")(photo, return_tensors="pt")
+    params, kwargs = load(fixture / "last_checkpoint", num_heads=4)
+    with torch.no_grad():
+        hf_top5 = np.argsort(-_hf_load(tmp_path / "hf")(**inputs).logits.numpy()[0], kind="stable")[:5]
+    ours_top5 = np.argsort(-_ours(params, dict(kwargs, attention_impl="xla"), pixels)[0], kind="stable")[:5]
+    np.testing.assert_array_equal(hf_top5, ours_top5)
 
 
 def test_hf_export_labels_and_problem_type(tmp_path):
@@ -310,7 +324,7 @@ def test_timm_import_refuses_norm_after_pooling(tmp_path):
 
 def test_fine_tuning_an_hf_checkpoint_replaces_head_and_resizes_posemb(tmp_path):
     _hf_tiny().save_pretrained(tmp_path / "hub")
-    params, kwargs = load(tmp_path / "hub", num_classes=3, image_size=48, scan=True)
+    params, kwargs = load(tmp_path / "hub", num_classes=3, image_size=48)
     flat = flatten_tree(params)
     assert flat["head/kernel"].shape == (32, 3) and not flat["head/kernel"].any()
     assert flat["Transformer/posembed_input/pos_embedding"].shape == (1, 37, 32)
@@ -318,11 +332,15 @@ def test_fine_tuning_an_hf_checkpoint_replaces_head_and_resizes_posemb(tmp_path)
     assert logits.shape == (4, 3)
 
 
-def test_a_missing_safetensors_package_is_a_one_line_error(tmp_path):
+def test_a_missing_safetensors_package_is_a_one_line_error(tok_model, tmp_path):
+    params, kwargs = tok_model
+    from checkpoints import export_npz
+
+    export_npz(params, tmp_path / "tiny.npz")  # no TensorFlow needed to read it back
     code = ("import sys; sys.modules['safetensors'] = None\n"  # as if the extra were not installed
             "from checkpoints.convert import main\n"
-            f"sys.exit(main([{str(SHARED / 'coyo_vit_tf' / 'finetune' / 'last_checkpoint')!r}, "
-            f"{str(tmp_path / 'out')!r}, '--to', 'timm', '--num_heads', '4']))")
+            f"sys.exit(main([{str(tmp_path / 'tiny.npz')!r}, {str(tmp_path / 'out')!r}, '--to', 'timm', "
+            "'--num_heads', '4']))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             cwd=Path(__file__).resolve().parents[1], timeout=120)
     assert result.returncode == 1, result.stderr
