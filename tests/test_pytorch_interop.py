@@ -136,7 +136,7 @@ def test_hf_export_of_a_coyo_vit_checkpoint_reproduces_its_keras_logits(tmp_path
     from matplotlib import cbook
     from PIL import Image
 
-    with Image.open(cbook.get_sample_data("grace_hopper.jpg")) as photo:
+    with Image.open(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)) as photo:
         photo.convert("RGB").resize((48, 48), Image.BILINEAR).save(tmp_path / "photo.png")
     with Image.open(tmp_path / "photo.png") as photo:
         pixels = np.asarray(photo)[None]
