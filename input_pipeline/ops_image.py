@@ -18,7 +18,7 @@ much). `exact=True` on the ops keeps full-scale decoding, bit for bit.
 from __future__ import annotations
 
 import zlib
-from typing import Sequence
+from typing import Callable, Sequence
 
 import tensorflow as tf
 
@@ -166,7 +166,7 @@ def decode_jpeg_window_scaled(data: tf.Tensor, window: tf.Tensor, target: Sequen
 
     Full scale is exactly `tf.image.decode_and_crop_jpeg(data, window)`, as before this option.
     """
-    def at(ratio: int):
+    def at(ratio: int) -> Callable[[], tf.Tensor]:
         if ratio == 1:
             return lambda: tf.image.decode_and_crop_jpeg(data, window, channels=3)
         return lambda: tf.image.decode_and_crop_jpeg(data, scaled_window(window, ratio),
@@ -178,7 +178,7 @@ def decode_jpeg_window_scaled(data: tf.Tensor, window: tf.Tensor, target: Sequen
 def decode_jpeg_scaled(data: tf.Tensor, shape: tf.Tensor, target: tf.Tensor) -> tf.Tensor:
     """Decodes JPEG bytes of full size `shape` [h, w] at the largest DCT scale (`dct_ratio`) that
     leaves at least `target` (h, w) pixels. Full scale is exactly `decode_image`."""
-    def at(ratio: int):
+    def at(ratio: int) -> Callable[[], tf.Tensor]:
         if ratio == 1:
             return lambda: decode_image(data)
         return lambda: tf.io.decode_jpeg(data, channels=3, ratio=ratio)
@@ -186,7 +186,8 @@ def decode_jpeg_scaled(data: tf.Tensor, shape: tf.Tensor, target: tf.Tensor) -> 
     return _switch_ratio(dct_ratio(shape, target), at)
 
 
-def _switch_ratio(ratio: tf.Tensor, branch_at) -> tf.Tensor:
+def _switch_ratio(ratio: tf.Tensor, branch_at: Callable[[int], Callable[[], tf.Tensor]]
+                  ) -> tf.Tensor:
     """Runs branch_at(r)() for the runtime `ratio` r in (1, 2, 4, 8); TF's decoders need the
     ratio as a constant attribute, hence one branch per scale."""
     ratios = (1,) + tuple(sorted(_DCT_RATIOS))
