@@ -30,5 +30,9 @@ setup(
         "demo": ["scikit-learn>=1.3"],  # the fine-tuning demo writes sklearn's digits as an image folder
         "plots": ["matplotlib>=3.7"],   # PNGs of data statistics and sweep curves
         "data": ["pyarrow>=14", "pillow>=9", "matplotlib>=3.7"],  # metadata parquet tools
+        # transformers / timm export and import (checkpoints.pytorch_io needs only safetensors; the
+        # tests load the exported folders in the real libraries). CPU-only torch keeps it small:
+        # pip install torch torchvision --index-url https://download.pytorch.org/whl/cpu first.
+        "torch": ["safetensors>=0.4", "torch>=2.1", "transformers>=4.40", "timm>=1.0"],
     },
 )

@@ -2,6 +2,7 @@
 
     python -m benchmarks.input_pipeline --out /tmp/input_pipeline.json
     python -m benchmarks.input_pipeline --shards '/data/coyo/0000*.tfrecord' --repeat 1
+    python -m benchmarks.input_pipeline --compare_exact --upscale 2 --repeat 5   # larger JPEGs
     git worktree add /tmp/base HEAD~1 && python -m benchmarks.input_pipeline --baseline /tmp/base
 
 The shards (default: the real img2dataset fixture, 145 images, linked `--repeat` times into a
@@ -9,16 +10,25 @@ temporary directory so one pass is long enough to time) go through, in each roun
 
   * `decode`: read the records, parse `jpg`, full `tf.io.decode_jpeg` - the reference rate;
   * `train`: input_pipeline.build_train_dataset with the pretraining recipe's pp_train
-    (configs/coyo_pretrain.py: crop-window JPEG decode, inception crop to 224, flip, value range,
-    21,841-class threshold labels), batched like training;
+    (configs/coyo_pretrain.py: crop-window JPEG decode, at reduced DCT scale for windows at
+    least twice the output, inception crop to 224, flip, 21,841-class threshold labels),
+    batched like training;
   * `crop_only` (with --compare_crop_only): the recipe's crop op alone (crop-window decode,
     resize to the training size), batched: the bound for the train pipeline with this crop;
     and `crop_decode`, the same crop windows decoded and not resized, which splits that bound
     into decoding and resizing;
   * `train_full_decode` (with --compare_full_decode): the same pipeline with the crop taken after
     a full decode (`decode|inception_crop(...)`), i.e. without the crop-window optimisation;
-  * `eval`: input_pipeline.build_eval_dataset with the recipe's pp_eval (resize-small 256,
-    central crop 224) over one pass of the same records.
+  * `eval`: input_pipeline.build_eval_dataset with the recipe's pp_eval (decode, at 1/2 DCT
+    scale for images at least twice the resize, resize-small 256, central crop 224) over one
+    pass of the same records;
+  * `train_exact`, `eval_exact` (with --compare_exact): the same with `exact=True` on the
+    recipe's decoding ops, i.e. every JPEG decoded at full scale (the pixels of before
+    reduced-scale decoding).
+
+With `--upscale N`, every image of the shards is first re-encoded at N x its width and height
+(PIL bicubic, JPEG quality 90) into temporary shards, the other features kept: larger JPEGs than
+COYO's <= 512px downloads, for users who download with other arguments.
 
 With `--baseline DIR` (another checkout of this repository), `train` and `eval` are also built
 from that checkout's `input_pipeline` and `configs` packages, in the same process and rounds (the
@@ -147,15 +157,17 @@ def repeated_shards(pattern: str, repeat: int, directory: str) -> list[str]:
 
 
 def count_records(files: Sequence[str]) -> int:
-    from input_pipeline import sources
+    from input_pipeline import sources  # late: --baseline swaps these modules per checkout
     return sources.count_records(list(files))
 
 
 def recipe_input_config(files: Sequence[str], *, image_size: int, shuffle_buffer: int,
-                        cycle_length: int, full_decode: bool = False) -> dict[str, Any]:
+                        cycle_length: int, full_decode: bool = False, exact: bool = False
+                        ) -> dict[str, Any]:
     """The pretraining recipe's input section, pointed at `files`, with a benchmark-sized shuffle
-    buffer (the recipe's 250k records would hold the whole repeated fixture many times over)."""
-    from configs import coyo_pretrain
+    buffer (the recipe's 250k records would hold the whole repeated fixture many times over).
+    exact: `exact=True` added to the recipe's decoding ops (full-scale JPEG decoding)."""
+    from configs import coyo_pretrain  # late: --baseline swaps these modules per checkout
     recipe = coyo_pretrain.get_config(f"res={image_size}")
     config = recipe.input.to_dict()
     config["data"] = {"files": list(files)}
@@ -167,7 +179,54 @@ def recipe_input_config(files: Sequence[str], *, image_size: int, shuffle_buffer
         if not head.startswith("decode_jpeg_and_inception_crop("):
             raise ValueError(f"unexpected recipe pp_train {config['pp_train']!r}")
         config["pp_train"] = f"decode|inception_crop{head[len('decode_jpeg_and_inception_crop'):]}|{rest}"
+    if exact:
+        config["pp_train"] = _with_exact(config["pp_train"], "decode_jpeg_and_inception_crop")
+        config["pp_eval"] = _with_exact(config["pp_eval"], "decode_and_resize_small")
     return config
+
+
+def _with_exact(pp: str, op: str) -> str:
+    """`pp` with `exact=True` added to the arguments of its first `op(...)` (no nested parens)."""
+    start = pp.find(f"{op}(")
+    end = pp.find(")", start)
+    if start < 0 or end < 0 or "exact" in pp[start:end]:
+        raise ValueError(f"--compare_exact: expected one {op}(...) without exact in the recipe's "
+                         f"pp, got {pp!r}")
+    return f"{pp[:end]}, exact=True{pp[end:]}"
+
+
+def upscaled_shards(pattern: str, factor: int, directory: str) -> str:
+    """Writes every shard of `pattern` into `directory` with each image re-encoded at `factor` x
+    its size (PIL bicubic, JPEG quality 90; `width`/`height` updated); bytes PIL cannot read
+    (damaged records) are kept as they are. Returns the new shards' glob."""
+    import io
+
+    from PIL import Image
+
+    files = sorted(tf.io.gfile.glob(pattern))
+    if not files:
+        raise FileNotFoundError(f"no shard matches {pattern!r}")
+    for path in files:
+        with tf.io.TFRecordWriter(os.path.join(directory, os.path.basename(path))) as writer:
+            for record in tf.data.TFRecordDataset(path).as_numpy_iterator():
+                example = tf.train.Example.FromString(record)
+                feature = example.features.feature
+                try:
+                    with Image.open(io.BytesIO(feature["jpg"].bytes_list.value[0])) as image:
+                        image = image.convert("RGB")
+                        image = image.resize((image.width * factor, image.height * factor),
+                                             Image.BICUBIC)
+                except (OSError, ValueError, IndexError):
+                    writer.write(record)
+                    continue
+                buffer = io.BytesIO()
+                image.save(buffer, "JPEG", quality=90)
+                feature["jpg"].bytes_list.value[0] = buffer.getvalue()
+                for key, value in (("width", image.width), ("height", image.height)):
+                    if key in feature:
+                        feature[key].int64_list.value[:] = [value]
+                writer.write(example.SerializeToString())
+    return os.path.join(directory, "*" + os.path.splitext(files[0])[1])
 
 
 def decode_dataset(files: Sequence[str], batch: int, cycle_length: int) -> tf.data.Dataset:
@@ -190,8 +249,7 @@ def crop_only_dataset(files: Sequence[str], batch: int, cycle_length: int, image
     alone, batched: the bound for a pipeline with this crop, read like `decode_dataset`. None of
     the training pipeline's bookkeeping (damage checks and skip counts, labels, flip, shuffle).
     """
-    from input_pipeline import registry
-
+    from input_pipeline import registry  # late: --baseline swaps these modules per checkout
     crop = registry.get("decode_jpeg_and_inception_crop")(image_size, area_min=5)
     return _seeded_records(files, batch, cycle_length,
                            lambda jpg, rng: crop({"jpg": jpg, "rng": rng})["image"])
@@ -201,8 +259,7 @@ def crop_decode_dataset(files: Sequence[str], batch: int, cycle_length: int
                         ) -> tf.data.Dataset:
     """`crop_only_dataset`'s crop windows (same seeds, the recipe's area_min=5) decoded with
     tf.image.decode_and_crop_jpeg and reduced to their size: crop_only minus the resize."""
-    from input_pipeline import ops_image
-
+    from input_pipeline import ops_image  # late: --baseline swaps these modules per checkout
     def decode_window(jpg: tf.Tensor, rng: tf.Tensor) -> tf.Tensor:
         # The crop op's own seed derivation, so the windows are crop_only's.
         op_seed = ops_image.op_seed({"rng": rng}, "decode_jpeg_and_inception_crop")
@@ -282,14 +339,16 @@ def measure_round(files: list[str], args: argparse.Namespace, num_records: int, 
         both = [(name, ours)] + ([(f"{name}@baseline", baseline)] if baseline else [])
         return both if round_index % 2 == 0 else both[::-1]
 
-    variants = pair("train") + ([("train_full_decode", ours)] if args.compare_full_decode else [])
+    variants = (pair("train") + ([("train_exact", ours)] if args.compare_exact else [])
+                + ([("train_full_decode", ours)] if args.compare_full_decode else []))
     for name, checkout in variants:
         with checkout.active():
-            from input_pipeline import pipeline
+            from input_pipeline import pipeline  # late: --baseline swaps these modules per checkout
             config = recipe_input_config(files, image_size=args.image_size,
                                          shuffle_buffer=args.shuffle_buffer,
                                          cycle_length=args.cycle_length,
-                                         full_decode=name == "train_full_decode")
+                                         full_decode=name == "train_full_decode",
+                                         exact=name == "train_exact")
             ds = pipeline.build_train_dataset(config, batch_size=args.batch, seed=0)
         last_index = [-1]
 
@@ -303,12 +362,13 @@ def measure_round(files: list[str], args: argparse.Namespace, num_records: int, 
         last_index[0] = int(first["_index"].max())
         out[name] = time_batches(_chain(first, iterator), passes, consumed)
 
-    for name, checkout in pair("eval"):
+    for name, checkout in pair("eval") + ([("eval_exact", ours)] if args.compare_exact else []):
         with checkout.active():
-            from input_pipeline import pipeline
+            from input_pipeline import pipeline  # late: --baseline swaps these modules per checkout
             config = recipe_input_config(files, image_size=args.image_size,
                                          shuffle_buffer=args.shuffle_buffer,
-                                         cycle_length=args.cycle_length)
+                                         cycle_length=args.cycle_length,
+                                         exact=name == "eval_exact")
             ds = pipeline.build_eval_dataset(config, split="all", batch_size=args.batch)
         out[name] = time_batches(ds.with_options(options).as_numpy_iterator(), passes,
                                  lambda b: int(np.count_nonzero(b["_mask"])) or len(b["_mask"]))
@@ -372,6 +432,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="also time the recipe's crop op alone (crop-window decode, resize), "
                              "without the training pipeline's bookkeeping: the bound for it; and "
                              "the same crop windows decoded without the resize")
+    parser.add_argument("--compare_exact", action=argparse.BooleanOptionalAction, default=False,
+                        help="also time the train and eval pipelines with exact=True on the "
+                             "recipe's decoding ops (full-scale JPEG decoding, no reduced DCT "
+                             "scale)")
+    parser.add_argument("--upscale", type=int, default=1, metavar="N",
+                        help="re-encode every image at N x its size (PIL bicubic, JPEG quality "
+                             "90) into temporary shards first: larger JPEGs than the shards'")
     parser.add_argument("--baseline", default=None, metavar="DIR",
                         help="another checkout of this repository (e.g. `git worktree add DIR "
                              "COMMIT`): its train and eval pipelines are timed in the same rounds "
@@ -386,7 +453,7 @@ COLUMNS = [("pipeline", "pipeline"), ("records_per_s", "records/s (wall)"),
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    for name in ("threads", "batch", "repeat", "rounds"):
+    for name in ("threads", "batch", "repeat", "rounds", "upscale"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name} must be >= 1")
     try:
@@ -396,7 +463,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     configure_threads(args.threads)
     tmp = tempfile.mkdtemp(prefix="coyo_vit_pipeline_bench_")
     try:
-        files = repeated_shards(args.shards, args.repeat, tmp)
+        shards = args.shards
+        if args.upscale > 1:
+            os.mkdir(os.path.join(tmp, "upscaled"))
+            shards = upscaled_shards(shards, args.upscale, os.path.join(tmp, "upscaled"))
+        files = repeated_shards(shards, args.repeat, tmp)
         num_records = count_records(files)
         rounds = []
         for i in range(args.rounds):
@@ -410,7 +481,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
              "per_core": summary["records_per_cpu_s"][name],
              "over_decode": 1.0 if name == "decode" else summary[f"{name}_over_decode"]}
             for name, rate in summary["records_per_s"].items()]
-    print(f"{num_records} records ({args.repeat} x {args.shards}), {args.threads} thread(s), "
+    scaled = f" re-encoded at {args.upscale}x" if args.upscale > 1 else ""
+    print(f"{num_records} records ({args.repeat} x {args.shards}{scaled}), {args.threads} thread(s), "
           f"batch {args.batch}, {args.image_size}px; medians of {args.rounds} rounds")
     print(report.table(rows, COLUMNS))
     for name in ("train", "eval"):

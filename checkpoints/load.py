@@ -1,8 +1,8 @@
 """`load`: any supported ViT checkpoint -> (our parameter tree, Model keyword arguments).
 
 Formats, tried in this order: our orbax checkpoints (via `checkpoints.orbax_io`), coyo-vit
-TensorFlow checkpoints (prefix or directory), and flat .npz files in the vit_jax or big_vision
-layout. Each reader only parses; sizes are then inferred from shapes, the caller's overrides
+TensorFlow checkpoints (prefix or directory), flat .npz files in the vit_jax or big_vision
+layout, and transformers / timm ViT folders or their `model.safetensors` (`checkpoints.pytorch_io`). Each reader only parses; sizes are then inferred from shapes, the caller's overrides
 applied (see `checkpoints.adapt` for head / pre-logits / position-embedding changes), and the
 result is checked against the shapes `Model(**kwargs).init` would create, so a checkpoint is
 either loaded whole or rejected with the names and shapes that disagree.
@@ -151,7 +151,8 @@ def _read_any(path: Path, heads_for_width: Callable[[int], int]) -> tuple[dict[s
     if not path.exists() and not Path(f"{path}.index").exists():
         raise FileNotFoundError(f"checkpoint path does not exist: {path}")
     readers = (("orbax", _read_orbax), ("coyo-vit TensorFlow", lambda p: _read_tf(p, heads_for_width)),
-               (".npz (vit_jax / big_vision)", _read_npz))
+               (".npz (vit_jax / big_vision)", _read_npz),
+               ("transformers / timm safetensors", lambda p: _read_torch(p, heads_for_width)))
     reasons = []
     for name, reader in readers:
         try:
@@ -217,3 +218,18 @@ def _read_npz(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         return npz_layouts.npz_to_ours(arrays), {}
     except ValueError as err:
         raise _NotThisFormat(str(err)) from None
+
+
+def _read_torch(path: Path, heads_for_width: Callable[[int], int]) -> tuple[dict[str, Any], dict[str, Any]]:
+    from checkpoints import pytorch_io  # Lazy: needs the safetensors package, only for these formats.
+
+    if pytorch_io.find_weights(path) is None:
+        raise _NotThisFormat("no model.safetensors (or *.safetensors file)")
+    try:
+        flat, saved, name = pytorch_io.read_torch_checkpoint(path, heads_for_width)
+    except ImportError as err:
+        raise _NotThisFormat(str(err)) from None
+    except ValueError as err:
+        raise _NotThisFormat(str(err)) from None
+    log.info("%s is a %s checkpoint.", path, name)
+    return flat, saved

@@ -36,7 +36,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         files=args["files"],
         pp_train=f"decode_jpeg_and_inception_crop({args['res']}, area_min=5)|flip_lr|{labels}",
         # The usual 224/256 crop ratio at any resolution (a 256 resize cannot be cropped to 384).
-        pp_eval=f"decode|resize_small({args['res'] * 256 // 224})|central_crop({args['res']})|{labels}",
+        # decode_and_resize_small = decode|resize_small, decoding at 1/2 DCT scale when the image
+        # is twice the resize (a 512px COYO download); exact=True decodes at full scale.
+        pp_eval=(f"decode_and_resize_small({args['res'] * 256 // 224})|central_crop({args['res']})"
+                 f"|{labels}"),
         shuffle_buffer=250_000, holdout_examples=50_000)
     config.optimizer = dict(name="adamw", b1=0.9, b2=0.999, eps=1e-7, weight_decay=0.1,
                             decay_pattern=r".*/kernel", grad_clip_norm=1.0,

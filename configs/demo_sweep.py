@@ -52,7 +52,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     mode, steps = mode_and_steps(arg)
     half = steps // 2
     if mode == "finetune":
-        from configs import demo_finetune
+        from configs import demo_finetune  # late: each mode loads only its own config
 
         config = demo_finetune.get_config(str(steps))
         config.demo_digits.out_dir = SHARED_DIGITS_DIR
@@ -63,7 +63,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.checkpoint_every_steps = half
         return config
 
-    from configs import demo
+    from configs import demo  # late: each mode loads only its own config
 
     config = demo.get_config(str(steps))
     config.demo_data.out_dir = SHARED_DATA_DIR

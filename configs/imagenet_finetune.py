@@ -83,7 +83,7 @@ def get_sweep(arg: str | None = None) -> list[dict]:
 
     12 points; 512px turns EMA on by this config's own rule. See docs/experiments.md.
     """
-    from coyo_vit.tools.sweep_expand import product, sweep
+    from coyo_vit.tools.sweep_expand import product, sweep  # late: get_config needs no sweep tools
     return product([sweep("arg.res", [384, 512]),
                     sweep("config.schedule.base_lr", [0.06, 0.03, 0.01]),
                     sweep("config.total_steps", [20_000, 40_000])])

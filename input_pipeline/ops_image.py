@@ -2,16 +2,23 @@
 
 Images stay uint8 through crops and resizes (4x smaller than float in buffers); only
 `value_range` turns them into float32. Training recipes leave it out and send uint8 batches:
-the model maps pixels to [-1, 1] on the device (coyo_vit/models/pixels.py).
+the model maps pixels to [-1, 1] on the device (coyo_vit/models/layers.py:to_model_range).
 
 Random ops are stateless: they read the example's `rng` seed (int [2], added by the pipeline from
 the example's position in the data stream) and fold in a constant of their own, so an example's
 augmentation depends on nothing but the seed, whatever the parallelism or the machine.
+
+Reduced-scale JPEG decoding: when a crop window (training) or a whole image (eval) is at least
+2, 4 or 8 times the output size on both sides, libjpeg decodes it at 1/2, 1/4 or 1/8 scale (its
+DCT scaling, the `ratio` of TF's JPEG decoders) before the usual resize. That is less work, and
+the DCT scaling is a better low-pass filter before a downsampling resize than bilinear alone;
+the pixels differ from a full-scale decode (tests/test_reduced_scale_decode.py states by how
+much). `exact=True` on the ops keeps full-scale decoding, bit for bit.
 """
 from __future__ import annotations
 
 import zlib
-from typing import Sequence
+from typing import Callable, Sequence
 
 import tensorflow as tf
 
@@ -118,6 +125,79 @@ def jpeg_crop_window(data: tf.Tensor, seed: tf.Tensor, area_min: float, area_max
     return tf.stack([begin[0], begin[1], crop[0], crop[1]])
 
 
+# libjpeg's DCT scalings (scale 1/ratio), largest first; TF's decoders take them as `ratio`.
+_DCT_RATIOS = (8, 4, 2)
+
+
+def dct_ratio(size: tf.Tensor, target: tf.Tensor | Sequence[int]) -> tf.Tensor:
+    """The largest of 8, 4, 2 with `size` [h, w] >= ratio * `target` [h, w] on both sides, else 1:
+    the reduced scale that still leaves at least `target` pixels (never upsamples more than a
+    full-scale decode would). A scalar int32 tensor."""
+    size = tf.cast(size, tf.int32)
+    target = tf.cast(target, tf.int32)
+    ratio = tf.constant(1, tf.int32)
+    for r in reversed(_DCT_RATIOS):  # 2, 4, 8: each larger one that fits overrides
+        fits = tf.reduce_all(size >= r * target)
+        ratio = tf.where(fits, tf.constant(r, tf.int32), ratio)
+    return ratio
+
+
+def scaled_window(window: tf.Tensor, ratio: int) -> tf.Tensor:
+    """A full-resolution window [y, x, height, width] in the coordinates of the image decoded at
+    1/`ratio` scale, where TF's decoders take it.
+
+    Each edge is rounded to the nearest scaled pixel boundary (floor(v / ratio + 1/2)), so it
+    moves by at most ratio/2 full-resolution pixels: under half an output pixel, since a window
+    is only decoded at 1/ratio scale when it is at least `ratio` output pixels per output pixel.
+    The rounded window keeps at least floor(size / ratio) pixels and ends at most at
+    ceil(image size / ratio), the scaled image's edge, so it is always valid.
+    """
+    window = tf.cast(window, tf.int32)
+    start, end = window[:2], window[:2] + window[2:]
+    start = (2 * start + ratio) // (2 * ratio)
+    end = (2 * end + ratio) // (2 * ratio)
+    return tf.concat([start, end - start], axis=0)
+
+
+def decode_jpeg_window_scaled(data: tf.Tensor, window: tf.Tensor, target: Sequence[int]
+                              ) -> tf.Tensor:
+    """Decodes crop `window` [y, x, h, w] (full-resolution coordinates) of JPEG bytes at the
+    largest DCT scale (`dct_ratio`) that leaves the window at least `target` (h, w) pixels.
+
+    Full scale is exactly `tf.image.decode_and_crop_jpeg(data, window)`, as before this option.
+    """
+    def at(ratio: int) -> Callable[[], tf.Tensor]:
+        if ratio == 1:
+            return lambda: tf.image.decode_and_crop_jpeg(data, window, channels=3)
+        return lambda: tf.image.decode_and_crop_jpeg(data, scaled_window(window, ratio),
+                                                     channels=3, ratio=ratio)
+
+    return _switch_ratio(dct_ratio(window[2:], target), at)
+
+
+def decode_jpeg_scaled(data: tf.Tensor, shape: tf.Tensor, target: tf.Tensor) -> tf.Tensor:
+    """Decodes JPEG bytes of full size `shape` [h, w] at the largest DCT scale (`dct_ratio`) that
+    leaves at least `target` (h, w) pixels. Full scale is exactly `decode_image`."""
+    def at(ratio: int) -> Callable[[], tf.Tensor]:
+        if ratio == 1:
+            return lambda: decode_image(data)
+        return lambda: tf.io.decode_jpeg(data, channels=3, ratio=ratio)
+
+    return _switch_ratio(dct_ratio(shape, target), at)
+
+
+def _switch_ratio(ratio: tf.Tensor, branch_at: Callable[[int], Callable[[], tf.Tensor]]
+                  ) -> tf.Tensor:
+    """Runs branch_at(r)() for the runtime `ratio` r in (1, 2, 4, 8); TF's decoders need the
+    ratio as a constant attribute, hence one branch per scale."""
+    ratios = (1,) + tuple(sorted(_DCT_RATIOS))
+    index = tf.argmax(tf.cast(tf.equal(tf.constant(ratios, tf.int32), ratio), tf.int32),
+                      output_type=tf.int32)
+    image = tf.switch_case(index, [branch_at(r) for r in ratios])
+    image.set_shape([None, None, 3])
+    return image
+
+
 def _check_size(size: int | Sequence[int] | None, op_name: str, allow_none: bool = False
                 ) -> tuple[int, int] | None:
     """Normalises an int or (h, w) size; the error names the op and what is valid."""
@@ -169,14 +249,22 @@ def decode(key: str | None = None) -> OpFn:
 
 @register("decode_jpeg_and_inception_crop")
 def decode_jpeg_and_inception_crop(size: int | Sequence[int], area_min: float = 5,
-                                   area_max: float = 100, key: str | None = None) -> OpFn:
+                                   area_max: float = 100, key: str | None = None,
+                                   exact: bool = False) -> OpFn:
     """Random Inception crop resized to `size`, decoding only the crop window of JPEG bytes.
 
-    Decoding just the window is much cheaper on large images. Other formats are decoded whole and
-    cropped with the same window sampler, so the result does not depend on the path taken.
+    Decoding just the window is much cheaper on large images. A JPEG window at least 2, 4 or 8
+    times `size` on both sides is decoded at 1/2, 1/4 or 1/8 DCT scale (`dct_ratio`) before the
+    resize: less work, and less aliasing than bilinear alone; `exact=True` always decodes at full
+    scale (the pixels of before this option, bit for bit). The window is drawn on the full image
+    either way, so the augmentation's distribution does not change. Other formats are decoded
+    whole and cropped with the same window sampler, so the window does not depend on the path.
     A truncated JPEG fails unless the window lies entirely in its intact rows (those pixels are
     correct, so the crop is kept).
     """
+    if not isinstance(exact, bool):
+        raise ValueError(f"decode_jpeg_and_inception_crop: exact must be True or False, got "
+                         f"{exact!r}")
     out_size = _check_size(size, "decode_jpeg_and_inception_crop")
     _check_area(area_min, area_max, "decode_jpeg_and_inception_crop")
 
@@ -187,7 +275,9 @@ def decode_jpeg_and_inception_crop(size: int | Sequence[int], area_min: float = 
 
         def crop_jpeg() -> tf.Tensor:
             window = jpeg_crop_window(data, seed, area_min, area_max)
-            return tf.image.decode_and_crop_jpeg(data, window, channels=3)
+            if exact:
+                return tf.image.decode_and_crop_jpeg(data, window, channels=3)
+            return decode_jpeg_window_scaled(data, window, out_size)
 
         def crop_decoded() -> tf.Tensor:
             image = decode_image(data)
@@ -244,10 +334,57 @@ def resize_small(size: int, method: str = "bilinear", antialias: bool = False,
 
     def fn(features: Features) -> Features:
         image = _require(features, key, "resize_small")
-        shape = tf.cast(tf.shape(image)[:2], tf.float64)
-        scale = size / tf.reduce_min(shape)
-        new_shape = tf.maximum(tf.cast(tf.round(shape * scale), tf.int32), size)
+        new_shape = resize_small_shape(tf.shape(image)[:2], size)
         features[key] = resize_uint8(image, new_shape, method, antialias)
+        return features
+
+    return fn
+
+
+def resize_small_shape(shape: tf.Tensor, size: int) -> tf.Tensor:
+    """The [h, w] int32 that `resize_small(size)` resizes an image of `shape` [h, w] to."""
+    shape = tf.cast(shape, tf.float64)
+    scale = size / tf.reduce_min(shape)
+    return tf.maximum(tf.cast(tf.round(shape * scale), tf.int32), size)
+
+
+@register("decode_and_resize_small")
+def decode_and_resize_small(size: int, method: str = "bilinear", antialias: bool = False,
+                            key: str | None = None, exact: bool = False) -> OpFn:
+    """`decode|resize_small(size, ...)` in one op, so the decoder knows the size it decodes for:
+    a JPEG at least 2, 4 or 8 times the resized image on both sides is decoded at 1/2, 1/4 or 1/8
+    DCT scale (`dct_ratio`; an eval image of a 512px COYO download, resized to 256, at 1/2),
+    then resized to the same shape as `resize_small` gives. `exact=True` (or a non-JPEG image)
+    is `decode|resize_small` itself, bit for bit."""
+    if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+        raise ValueError(f"decode_and_resize_small: size must be a positive int, got {size!r}")
+    if not isinstance(exact, bool):
+        raise ValueError(f"decode_and_resize_small: exact must be True or False, got {exact!r}")
+    decode_op = decode(key)
+    resize_op = resize_small(size, method, antialias)
+    if exact:
+        return lambda features: resize_op(decode_op(features))
+
+    def fn(features: Features) -> Features:
+        source = _bytes_key(features, key)
+        data = _require(features, source, "decode_and_resize_small")
+        if data.dtype != tf.string:
+            raise ValueError(f"decode_and_resize_small: feature {source!r} must hold encoded image "
+                             f"bytes (tf.string), got {data.dtype.name}; is it decoded already?")
+
+        def scaled_jpeg() -> tf.Tensor:
+            shape = tf.image.extract_jpeg_shape(data)[:2]
+            new_shape = resize_small_shape(shape, size)
+            image = decode_jpeg_scaled(data, shape, new_shape)
+            return resize_uint8(image, new_shape, method, antialias)
+
+        def other() -> tf.Tensor:
+            return resize_op(decode_op({source: data}))["image"]
+
+        image = tf.cond(tf.io.is_jpeg(data), scaled_jpeg, other)
+        image.set_shape([None, None, 3])
+        features.pop(source)
+        features["image"] = image
         return features
 
     return fn

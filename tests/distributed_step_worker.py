@@ -1,4 +1,4 @@
-"""Worker for tests/test_multiprocess.py: the real sharded train step on fixed global batches.
+"""Worker for tests/training/test_multiprocess.py: the real sharded train step on fixed global batches.
 
 Run once per process (under coyo_vit.tools.launch_local) or alone; every process feeds only its slice
 of each global batch, as on a pod. Writes the full final parameters, gathered to every process,

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import REPO
+
 PROJECT_PACKAGES = ("coyo_vit", "input_pipeline", "checkpoints", "configs", "benchmarks")
 SCRIPTS = ("train", "finetune", "evaluate")
 

@@ -94,12 +94,14 @@ class MlpBlock(nn.Module):
     """Dense -> GELU(tanh) -> Dropout -> Dense -> Dropout, as in vit_jax.
 
     `gelu_recompute`: the GELU's backward pass keeps only its input (layers.gelu_recomputed).
+    `gelu_approximate=False`: the exact erf GELU instead, as PyTorch ViTs (timm, HF) use.
     """
 
     mlp_dim: int
     dropout: float = 0.0
     dtype: Any = jnp.float32
     gelu_recompute: bool = True
+    gelu_approximate: bool = True
 
     @nn.compact
     def __call__(self, x: Array, deterministic: bool = True) -> Array:
@@ -109,7 +111,10 @@ class MlpBlock(nn.Module):
             kernel_init=boxed(nn.initializers.xavier_uniform(), ("embed", "mlp")),
             bias_init=boxed(nn.initializers.normal(stddev=1e-6), ("mlp",)), name="Dense_0")(x)
         x = constrain(x, HIDDEN)
-        x = (layers.gelu_recomputed if self.gelu_recompute else layers.gelu)(x)
+        if not self.gelu_approximate:
+            x = jax.nn.gelu(x, approximate=False)
+        else:
+            x = (layers.gelu_recomputed if self.gelu_recompute else layers.gelu)(x)
         x = nn.Dropout(rate=self.dropout)(x, deterministic)
         x = nn.Dense(
             width, dtype=self.dtype, param_dtype=jnp.float32,
@@ -119,9 +124,9 @@ class MlpBlock(nn.Module):
         return nn.Dropout(rate=self.dropout)(x, deterministic)
 
 
-def _layer_norm(name: str, dtype: Any) -> nn.LayerNorm:
+def _layer_norm(name: str, dtype: Any, epsilon: float = 1e-6) -> nn.LayerNorm:
     return nn.LayerNorm(
-        epsilon=1e-6, dtype=dtype, param_dtype=jnp.float32,
+        epsilon=epsilon, dtype=dtype, param_dtype=jnp.float32,
         scale_init=boxed(nn.initializers.ones, ("embed",)),
         bias_init=boxed(nn.initializers.zeros, ("embed",)), name=name)
 
@@ -147,13 +152,15 @@ class Encoder1DBlock(nn.Module):
     attention_impl: str | None = None
     kv_length: int | None = None  # tokens from here on are padding that attention must ignore
     gelu_recompute: bool = True
+    gelu_approximate: bool = True
+    layer_norm_eps: float = 1e-6
 
     @nn.compact
     def __call__(self, x: Array, drop_path_rate: Array | float, deterministic: bool) -> tuple[Array, None]:
         x = constrain(x, TOKENS)
         drop_path = self.use_drop_path and not deterministic
 
-        y = _layer_norm("LayerNorm_0", self.dtype)(x)
+        y = _layer_norm("LayerNorm_0", self.dtype, self.layer_norm_eps)(x)
         y = Attention(num_heads=self.num_heads, dtype=self.dtype, implementation=self.attention_impl,
                       kv_length=self.kv_length, name="MultiHeadDotProductAttention_1")(y, y)
         y = nn.Dropout(rate=self.dropout)(y, deterministic)
@@ -161,9 +168,10 @@ class Encoder1DBlock(nn.Module):
             y = _drop_path(self, y, drop_path_rate)
         x = x + y
 
-        y = _layer_norm("LayerNorm_2", self.dtype)(x)
+        y = _layer_norm("LayerNorm_2", self.dtype, self.layer_norm_eps)(x)
         y = MlpBlock(mlp_dim=self.mlp_dim, dropout=self.dropout, dtype=self.dtype,
-                     gelu_recompute=self.gelu_recompute, name="MlpBlock_3")(y, deterministic)
+                     gelu_recompute=self.gelu_recompute, gelu_approximate=self.gelu_approximate,
+                     name="MlpBlock_3")(y, deterministic)
         if drop_path:
             y = _drop_path(self, y, drop_path_rate)
         x = constrain(x + y, TOKENS)
@@ -188,6 +196,8 @@ class Encoder(nn.Module):
     attention_impl: str | None = None
     pad_multiple: int | None = None  # pad the tokens once to a multiple of this (see Model)
     gelu_recompute: bool = True
+    gelu_approximate: bool = True
+    layer_norm_eps: float = 1e-6
 
     @nn.compact
     def __call__(self, x: Array, deterministic: bool) -> Array:
@@ -204,7 +214,8 @@ class Encoder(nn.Module):
                             use_drop_path=self.stoch_depth > 0, dtype=self.dtype,
                             attention_impl=self.attention_impl,
                             kv_length=length if self.pad_multiple else None,
-                            gelu_recompute=self.gelu_recompute)
+                            gelu_recompute=self.gelu_recompute,
+                            gelu_approximate=self.gelu_approximate, layer_norm_eps=self.layer_norm_eps)
         block_cls = Encoder1DBlock
         policy = REMAT_POLICIES[self.remat_policy]
         if self.remat_policy != "none":
@@ -225,7 +236,7 @@ class Encoder(nn.Module):
                 x, _ = block_cls(name=f"encoderblock_{i}", **block_kwargs)(
                     x, float(rates[i]), deterministic)
 
-        return _layer_norm("encoder_norm", self.dtype)(x[:, :length])
+        return _layer_norm("encoder_norm", self.dtype, self.layer_norm_eps)(x[:, :length])
 
     def _position_embedding(self, length: int, width: int) -> Array:
         if self.posemb == "learn":
@@ -253,6 +264,8 @@ class MAPHead(nn.Module):
     num_heads: int
     dtype: Any = jnp.float32
     attention_impl: str | None = None
+    gelu_approximate: bool = True
+    layer_norm_eps: float = 1e-6
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -262,8 +275,9 @@ class MAPHead(nn.Module):
         probe = jnp.tile(probe.astype(self.dtype), (batch, 1, 1))
         x = Attention(num_heads=self.num_heads, dtype=self.dtype, implementation=self.attention_impl,
                       name="MultiHeadDotProductAttention_0")(probe, x)
-        y = _layer_norm("LayerNorm_0", self.dtype)(x)
-        x = x + MlpBlock(mlp_dim=self.mlp_dim, dtype=self.dtype, name="MlpBlock_0")(y)
+        y = _layer_norm("LayerNorm_0", self.dtype, self.layer_norm_eps)(x)
+        x = x + MlpBlock(mlp_dim=self.mlp_dim, dtype=self.dtype, gelu_approximate=self.gelu_approximate,
+                         name="MlpBlock_0")(y)
         return x[:, 0]
 
 
@@ -327,6 +341,11 @@ class Model(nn.Module):
     # with the steps' compiler options (coyo_vit/training/step.py), the bias and GELU fold into
     # the GEMM's cuBLASLt epilogue, a faster step. Measured: docs/performance.md, section 3.
     gelu_recompute: bool = True
+    # The numerics of imported PyTorch ViTs (checkpoints/ sets them from the checkpoint's config):
+    # timm and Hugging Face use the exact erf GELU, and HF's ViT LayerNorms default to eps 1e-12.
+    # Ours, vit_jax's and big_vision's: tanh GELU, eps 1e-6.
+    gelu_approximate: bool = True
+    layer_norm_eps: float = 1e-6
 
     def __post_init__(self) -> None:
         # Validate at construction so a bad config fails before any tracing or compilation.
@@ -334,13 +353,16 @@ class Model(nn.Module):
         _check_choice("posemb", self.posemb, POSEMB_TYPES)
         _check_choice("remat_policy", self.remat_policy, tuple(REMAT_POLICIES))
         _check_choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
-        for field in ("scan", "gelu_recompute"):
+        for field in ("scan", "gelu_recompute", "gelu_approximate"):
             if not isinstance(getattr(self, field), (bool, np.bool_)):
                 raise ValueError(f"{field} must be True or False, got {getattr(self, field)!r}.")
         for field in ("dropout", "stoch_depth"):
             rate = getattr(self, field)
             if not 0.0 <= rate < 1.0:
                 raise ValueError(f"{field} must be in [0, 1), got {rate!r}.")
+        if isinstance(self.layer_norm_eps, bool) or not (
+                isinstance(self.layer_norm_eps, (int, float, np.floating)) and self.layer_norm_eps > 0):
+            raise ValueError(f"layer_norm_eps must be a positive float, got {self.layer_norm_eps!r}.")
         dims = self.dims
         if dims.width % dims.num_heads:
             raise ValueError(f"width={dims.width} is not divisible by num_heads={dims.num_heads}.")
@@ -424,7 +446,8 @@ class Model(nn.Module):
             stoch_depth=self.stoch_depth, scan=self.scan, remat_policy=self.remat_policy,
             dtype=dtype, attention_impl=self.attention_impl,
             pad_multiple=self.token_pad_multiple, gelu_recompute=self.gelu_recompute,
-            name="Transformer")(x, deterministic)
+            gelu_approximate=self.gelu_approximate,
+            layer_norm_eps=self.layer_norm_eps, name="Transformer")(x, deterministic)
 
         if self.pool_type == "tok":
             x = x[:, 0]
@@ -432,7 +455,8 @@ class Model(nn.Module):
             x = jnp.mean(x, axis=1)
         else:
             x = MAPHead(mlp_dim=dims.mlp_dim, num_heads=dims.num_heads, dtype=dtype,
-                        attention_impl=self.attention_impl, name="MAPHead_0")(x)
+                        attention_impl=self.attention_impl, gelu_approximate=self.gelu_approximate,
+                        layer_norm_eps=self.layer_norm_eps, name="MAPHead_0")(x)
 
         feature_axis = "embed"
         rep = self.representation_size

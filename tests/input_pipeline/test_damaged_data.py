@@ -16,8 +16,9 @@ import tensorflow as tf
 
 from input_pipeline import damage, pipeline, skip_accounting, sources
 from input_pipeline.tools import validate_shards
+from tests.conftest import SHARED
 
-SHARDS = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "coyo_shards" / "shards"
+SHARDS = SHARED / "fixtures" / "coyo_shards" / "shards"
 PP_TRAIN = 'decode_jpeg_and_inception_crop(16)|value_range(-1, 1)|coyo_labels("soft")'
 PP_EVAL = 'decode|resize(16)|value_range(-1, 1)|coyo_labels("soft")'
 

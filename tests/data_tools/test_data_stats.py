@@ -16,8 +16,9 @@ import tensorflow as tf
 
 from input_pipeline import sources
 from input_pipeline.tools import join_labels, stats
+from tests.conftest import SHARED
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "coyo_shards"
+FIXTURES = SHARED / "fixtures" / "coyo_shards"
 SHARDS = FIXTURES / "shards"
 METADATA = FIXTURES / "metadata" / "part-00000.snappy.parquet"
 THRESHOLDS = (0.0, 0.05, 0.10, 0.15, 0.20, 0.25)

@@ -8,7 +8,7 @@ from coyo_vit.models import Model
 from coyo_vit.training import sharding
 from coyo_vit.training.evaluators.holdout import make_eval_step
 from coyo_vit.training.step import _BY_PLATFORM, compiler_options_for_platform, get_loss
-from tests import test_train_step
+from tests.training import test_train_step
 
 
 def test_options_per_platform_and_xla_flags_win():

@@ -16,12 +16,11 @@ from checkpoints import CheckpointFormatError, load
 from checkpoints.adapt import resize_posemb
 from checkpoints.npz_layouts import flatten_tree, ours_to_npz
 from coyo_vit.models import Model
+from tests.conftest import REPO, SHARED
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
 FIXTURES = SHARED / "fixtures"
 NPZ = FIXTURES / "vit_jax_npz"
 TF = FIXTURES / "coyo_vit_tf"
-REPO = Path(__file__).resolve().parents[1]
 TOL = 1e-4
 
 FIXTURE_KWARGS = dict(num_classes=10, patch_size=8, width=64, depth=2, mlp_dim=128, num_heads=4,

@@ -19,9 +19,9 @@ from coyo_vit.training.evaluators import metric_math as mm
 from coyo_vit.training.evaluators.imagenet_from_21k import load_index21k, select_1k_logits
 from coyo_vit.training.evaluators.registry import build_evaluators, is_due
 from coyo_vit.training.step import sigmoid_xent, softmax_xent
-from tests.test_classification_data import write_imagenet2012
+from tests.conftest import SHARED
+from tests.input_pipeline.test_classification_data import write_imagenet2012
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
 REAL_JSON = str(SHARED / "data" / "imagenet_real_labels.json")
 MAPPING_TSV = str(SHARED / "data" / "imagenet1k_classes.tsv")
 PP_1K = "decode|resize(16)|value_range(-1, 1)|onehot(1000)"

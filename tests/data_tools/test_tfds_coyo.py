@@ -13,8 +13,9 @@ import tensorflow_datasets as tfds
 
 from input_pipeline import pipeline
 from input_pipeline.tools import decontaminate, tfds_coyo
+from tests.conftest import SHARED
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "coyo_shards"
+FIXTURES = SHARED / "fixtures" / "coyo_shards"
 SHARDS = FIXTURES / "shards"
 CONFIG = "coyo_labeled_300m/holdout1"
 

@@ -12,8 +12,8 @@ import pytest
 
 from checkpoints.orbax_io import restore_params
 from input_pipeline.demo.shards import ensure_demo_shards
+from tests.conftest import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 STEPS = 16
 SMALL = [f"--config.total_steps={STEPS}", "--config.batch_size=16", "--config.log_every_steps=4",
          "--config.eval_every_steps=8", "--config.checkpoint_every_steps=4",

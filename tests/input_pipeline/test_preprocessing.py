@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -11,8 +10,9 @@ import tensorflow as tf
 from PIL import Image
 
 from input_pipeline import ops_image, ops_labels, pp_parser, registry, sources
+from tests.conftest import SHARED
 
-SHARDS = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "coyo_shards" / "shards"
+SHARDS = SHARED / "fixtures" / "coyo_shards" / "shards"
 NUM_CLASSES = 21841
 
 
@@ -164,7 +164,8 @@ def test_decode_jpeg_and_inception_crop_shape_and_determinism(records):
 def test_decode_jpeg_and_inception_crop_same_window_for_jpeg_and_png(records):
     # JPEG bytes take the crop-before-decode path, PNG bytes decode then crop: the same seed must
     # pick the same window (pixels differ at most by chroma upsampling at the window edge).
-    op = ops_image.decode_jpeg_and_inception_crop(32)
+    # exact=True: JPEG windows decoded at full scale, as PNGs are (tests/test_reduced_scale_decode).
+    op = ops_image.decode_jpeg_and_inception_crop(32, exact=True)
     for i, record in enumerate(records[:6]):
         jpg = _example(record)["jpg"]
         png = tf.io.encode_png(tf.io.decode_jpeg(jpg, channels=3))

@@ -15,8 +15,9 @@ from PIL import Image
 
 from input_pipeline import pipeline, skip_accounting, sources
 from input_pipeline.tools import decontaminate, phash
+from tests.conftest import SHARED
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "coyo_shards"
+FIXTURES = SHARED / "fixtures" / "coyo_shards"
 SHARDS = FIXTURES / "shards"
 METADATA = FIXTURES / "metadata" / "part-00000.snappy.parquet"
 PLANTED_PER_SHARD = 3

@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,10 +12,9 @@ from PIL import Image
 from checkpoints import export_npz, load
 from coyo_vit.class_names import class_list_for, load_class_list
 from coyo_vit.tools.predict import load_image, native_image_size, predict
+from tests.conftest import REPO, SHARED
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
 NPZ = SHARED / "fixtures" / "vit_jax_npz"
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _to_uint8(image: np.ndarray) -> np.ndarray:

@@ -10,9 +10,9 @@ import jax
 import numpy as np
 
 from checkpoints.orbax_io import restore_params
+from tests.conftest import REPO, SHARED
 
-REPO = Path(__file__).resolve().parents[1]
-SHARDS = str(REPO.parent / "shared" / "fixtures" / "coyo_shards" / "shards" / "*.tfrecord")
+SHARDS = str(SHARED / "fixtures" / "coyo_shards" / "shards" / "*.tfrecord")
 
 
 def _env(devices: int | None = None) -> dict[str, str]:

@@ -5,8 +5,6 @@ the real fixture shards and a real tiny ViT.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,8 +13,9 @@ import tensorflow as tf
 from coyo_vit.models import Model, layers
 from coyo_vit.training.step import mixup
 from input_pipeline import ops_image, pipeline
+from tests.conftest import SHARED
 
-SHARDS = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "coyo_shards" / "shards"
+SHARDS = SHARED / "fixtures" / "coyo_shards" / "shards"
 PP_UINT8 = 'decode_jpeg_and_inception_crop(16)|flip_lr|coyo_labels("soft")'
 
 

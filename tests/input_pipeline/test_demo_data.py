@@ -15,8 +15,8 @@ import tensorflow as tf
 
 from input_pipeline.demo import drawing as demo_drawing
 from input_pipeline.demo import shards as demo_data
+from tests.conftest import SHARED
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
 FIXTURE_SHARDS = SHARED / "fixtures" / "coyo_shards" / "shards"
 CLASSES_TSV = SHARED / "data" / "imagenet21k_classes.tsv"
 

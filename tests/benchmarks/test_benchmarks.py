@@ -12,6 +12,7 @@ import jax
 import pytest
 
 from benchmarks import flops
+from tests.conftest import REPO
 
 MODULES = ("input_pipeline", "train_step", "accelerator", "end_to_end", "attention", "device_trace")
 
@@ -163,7 +164,7 @@ def test_input_pipeline_times_a_baseline_checkout_in_the_same_rounds(tmp_path):
 
     from benchmarks import input_pipeline
     from input_pipeline import pipeline
-    root = Path(__file__).resolve().parents[1]
+    root = REPO
     baseline = tmp_path / "baseline"
     for package in ("input_pipeline", "configs"):
         shutil.copytree(root / package, baseline / package,

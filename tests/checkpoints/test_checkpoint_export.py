@@ -13,8 +13,8 @@ from checkpoints import export_npz, load, save_params
 from checkpoints.convert import main as convert_main
 from checkpoints.export import write_npz_atomically
 from coyo_vit.models import Model
+from tests.conftest import SHARED
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
 NPZ = SHARED / "fixtures" / "vit_jax_npz"
 TOL = 1e-4
 

@@ -16,8 +16,8 @@ from PIL import Image
 from input_pipeline import classification_data as cd
 from input_pipeline import imagefolder, pp_parser
 from input_pipeline.demo import digits as demo_digits
+from tests.conftest import SHARED
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
 SHARDS = SHARED / "fixtures" / "coyo_shards" / "shards"
 PP_TRAIN_1K = "decode_jpeg_and_inception_crop(16)|flip_lr|value_range(-1, 1)|onehot(1000)"
 PP_EVAL_1K = "decode|resize(16)|value_range(-1, 1)|onehot(1000)"

@@ -16,8 +16,9 @@ import pytest
 import tensorflow as tf
 
 from input_pipeline import pipeline, sources
+from tests.conftest import SHARED
 
-SHARDS = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "coyo_shards" / "shards"
+SHARDS = SHARED / "fixtures" / "coyo_shards" / "shards"
 FILES = sorted(str(p) for p in SHARDS.glob("*.tfrecord"))
 PP_TRAIN = ('decode_jpeg_and_inception_crop(16)|flip_lr|value_range(-1, 1)|'
             'coyo_labels("soft")')

@@ -1,6 +1,5 @@
 """Tests for the ViT model: sizes, parameter layout, numerics against vit_jax, transforms."""
 import re
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -13,8 +12,8 @@ from flax.linen import meta
 from coyo_vit.models import VARIANTS, Model, count_params, decode_variant, layers
 from coyo_vit.models.layers import padded_dot_product_attention
 from coyo_vit.models.vit import REMAT_POLICIES, posemb_sincos_2d
+from tests.conftest import SHARED
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
 VIT_JAX_NPZ = SHARED / "fixtures" / "vit_jax_npz"
 
 TINY = dict(patch_size=8, width=32, depth=2, mlp_dim=64, num_heads=4)

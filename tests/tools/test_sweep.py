@@ -14,8 +14,8 @@ import pytest
 
 from coyo_vit.tools import sweep_expand
 from coyo_vit.tools.sweep_expand import chain, fixed, point_name, product, sweep, zipped
+from tests.conftest import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 STEPS = 6
 
 

@@ -3,14 +3,12 @@ class count on a real (small) TFDS imagenet2012, with EMA, top-1 and ImageNet-Re
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from checkpoints.orbax_io import CHECKPOINT_SUBDIR
-from tests.test_classification_data import VAL_LABELS, VAL_NAMES, write_imagenet2012
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import REPO, SHARED
+from tests.input_pipeline.test_classification_data import VAL_LABELS, VAL_NAMES, write_imagenet2012
 
 
 def test_finetune_tf_checkpoint_new_resolution_and_classes(tmp_path):
@@ -65,7 +63,7 @@ def test_fine_tuning_init_with_another_position_embedding_is_named():
     from coyo_vit.models import Model
     from coyo_vit.training.loop import _init_params
 
-    fixture = REPO.parent / "shared" / "fixtures" / "coyo_vit_tf" / "pretrain"
+    fixture = SHARED / "fixtures" / "coyo_vit_tf" / "pretrain"
     kwargs = dict(patch_size=8, width=64, depth=2, mlp_dim=128, num_heads=4, pool_type="tok",
                   rep_size=None)
     config = ml_collections.ConfigDict(dict(init=str(fixture), num_classes=1000, image_size=48))

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from coyo_vit.tools import published_results
+from tests.conftest import REPO, SHARED
 
-REPO = Path(__file__).resolve().parents[1]
-DESIGN = REPO.parent / "shared" / "DESIGN.md"
+DESIGN = SHARED / "DESIGN.md"
 
 
 def _report(*args):
