@@ -230,16 +230,22 @@ def _bytes_key(features: Features, key: str | None) -> str:
     return key or ("jpg" if "jpg" in features else "image")
 
 
+def _encoded_bytes(features: Features, key: str | None, op_name: str) -> tuple[str, tf.Tensor]:
+    """(feature name, encoded image bytes) for a decoding op; decoded pixels are an error."""
+    source = _bytes_key(features, key)
+    data = _require(features, source, op_name)
+    if data.dtype != tf.string:
+        raise ValueError(f"{op_name}: feature {source!r} must hold encoded image bytes (tf.string),"
+                         f" got {data.dtype.name}; is it decoded already?")
+    return source, data
+
+
 @register("decode")
 def decode(key: str | None = None) -> OpFn:
     """Decodes image bytes from `key` (default: `jpg`, else `image`) into `image` uint8 [H,W,3]."""
 
     def fn(features: Features) -> Features:
-        source = _bytes_key(features, key)
-        data = _require(features, source, "decode")
-        if data.dtype != tf.string:
-            raise ValueError(f"decode: feature {source!r} must hold encoded image bytes (tf.string),"
-                             f" got {data.dtype.name}; is it decoded already?")
+        source, data = _encoded_bytes(features, key, "decode")
         features.pop(source)
         features["image"] = decode_image(data)
         return features
@@ -366,11 +372,7 @@ def decode_and_resize_small(size: int, method: str = "bilinear", antialias: bool
         return lambda features: resize_op(decode_op(features))
 
     def fn(features: Features) -> Features:
-        source = _bytes_key(features, key)
-        data = _require(features, source, "decode_and_resize_small")
-        if data.dtype != tf.string:
-            raise ValueError(f"decode_and_resize_small: feature {source!r} must hold encoded image "
-                             f"bytes (tf.string), got {data.dtype.name}; is it decoded already?")
+        source, data = _encoded_bytes(features, key, "decode_and_resize_small")
 
         def scaled_jpeg() -> tf.Tensor:
             shape = tf.image.extract_jpeg_shape(data)[:2]

@@ -222,11 +222,16 @@ def _init_params(run_cfg: run_config.RunConfig, model: Model) -> Any:
         num_heads=dims.num_heads)
     wanted = {"patch_size": dims.patch_size, "width": dims.width, "depth": dims.depth,
               "mlp_dim": dims.mlp_dim, "num_heads": dims.num_heads, "pool_type": model.pool_type,
-              "posemb": model.posemb}
+              "posemb": model.posemb, "gelu_approximate": model.gelu_approximate,
+              "layer_norm_eps": model.layer_norm_eps}
+    # Formats that do not record the numerics (npz, TensorFlow) use the Model's defaults.
+    loaded = {"gelu_approximate": Model.gelu_approximate, "layer_norm_eps": Model.layer_norm_eps,
+              **loaded}
     mismatched = {k: (loaded.get(k), v) for k, v in wanted.items() if loaded.get(k) != v}
     if mismatched:
         raise ValueError(f"config.init {run_cfg.init!r} does not match config.model: "
-                         + ", ".join(f"{k} checkpoint={a} config={b}" for k, (a, b) in mismatched.items()))
+                         + ", ".join(f"{k} checkpoint={a} config={b}" for k, (a, b) in mismatched.items())
+                         + " (set --config.model.<key> to the checkpoint's value)")
     logging.info("Initialised from %s", run_cfg.init)
     return params
 

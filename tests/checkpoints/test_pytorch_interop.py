@@ -347,3 +347,26 @@ def test_a_missing_safetensors_package_is_a_one_line_error(tok_model, tmp_path):
     assert result.returncode == 1, result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last == 'error: the PyTorch formats need the safetensors package: pip install -e ".[torch]"'
+
+
+def test_config_init_from_an_hf_checkpoint_needs_its_gelu_and_eps(tmp_path):
+    # transformers' ViTs use the exact GELU and LayerNorm eps 1e-12: fine-tuning one with our
+    # defaults would silently change its function, so the loop names both keys instead.
+    from configs import finetune
+    from coyo_vit.training import loop, run_config
+
+    _hf_tiny().save_pretrained(tmp_path / "hub")
+    config = finetune.get_config(f"folder={tmp_path / 'digits'},classes=3,res=32,batch=8,steps=10,warmup=2")
+    with config.unlocked():
+        config.init = str(tmp_path / "hub")
+        config.model.update(variant=None, patch_size=8, width=32, depth=2, mlp_dim=64, num_heads=4,
+                            dtype="float32")
+    parsed = run_config.parse(config, str(tmp_path / "run"))
+    with pytest.raises(ValueError, match=r"gelu_approximate checkpoint=False config=True, "
+                                         r"layer_norm_eps checkpoint=1e-12 config=1e-06"):
+        loop._init_params(parsed, parsed.model)
+    with config.unlocked():
+        config.model.update(gelu_approximate=False, layer_norm_eps=1e-12)
+    parsed = run_config.parse(config, str(tmp_path / "run"))
+    params = loop._init_params(parsed, parsed.model)
+    assert flatten_tree(params)["head/kernel"].shape == (32, 3)

@@ -61,10 +61,12 @@ def test_two_devices_equal_one_device():
     np.testing.assert_allclose([h["train/loss"] for h in hist1], [h["train/loss"] for h in hist2], rtol=1e-5)
 
 
-def test_fsdp_axis_shards_params_and_matches():
+@pytest.mark.parametrize("mesh_axes", [{"data": 1, "fsdp": 2}, {"data": 1, "model": 2}],
+                         ids=["fsdp", "tensor_parallel"])
+def test_fsdp_and_tensor_parallel_axes_match_unsharded(mesh_axes):
     ref, _ = _run_steps(jax.devices()[:1], steps=2)
-    fsdp, _ = _run_steps(jax.devices()[:2], steps=2, mesh_axes={"data": 1, "fsdp": 2})
-    for a, b in zip(jax.tree.leaves(ref.params), jax.tree.leaves(fsdp.params)):
+    sharded, _ = _run_steps(jax.devices()[:2], steps=2, mesh_axes=mesh_axes)
+    for a, b in zip(jax.tree.leaves(ref.params), jax.tree.leaves(sharded.params)):
         np.testing.assert_allclose(a, b, atol=2e-6, rtol=1e-5)
 
 
@@ -144,13 +146,6 @@ def test_sigmoid_loss_is_summed_over_classes():
     np.testing.assert_allclose(softmax_xent(logits, jnp.eye(4)[:2]), [np.log(4)] * 2, rtol=1e-6)
     with pytest.raises(ValueError, match="Unknown loss"):
         get_loss("focal")
-
-
-def test_tensor_parallel_model_axis_matches_unsharded():
-    ref, _ = _run_steps(jax.devices()[:1], steps=2)
-    tp, _ = _run_steps(jax.devices()[:2], steps=2, mesh_axes={"data": 1, "model": 2})
-    for a, b in zip(jax.tree.leaves(ref.params), jax.tree.leaves(tp.params)):
-        np.testing.assert_allclose(a, b, atol=2e-6, rtol=1e-5)
 
 
 def test_regex_param_rules_fsdp_auto_and_explicit_placements():
