@@ -18,7 +18,6 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-import tensorflow as tf
 from flax import linen as nn
 from jax.experimental import multihost_utils
 
@@ -34,13 +33,14 @@ from coyo_vit.training.step import (
     make_train_step,
     state_shardings,
 )
-from input_pipeline import data_source
-from input_pipeline.demo import digits as demo_digits
-from input_pipeline.demo import shards as demo_shards
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     """Trains (or resumes training) per `config` in `workdir`; returns the final state."""
+    # Late: TensorFlow (data, gs:// files) only once a run starts, not when the module is imported.
+    import tensorflow as tf
+
+    from input_pipeline import data_source  # late, with TensorFlow
     run_cfg = run_config.parse(config, workdir)  # every section checked before any work
     process_index, process_count = jax.process_index(), jax.process_count()
     is_main = process_index == 0
@@ -183,6 +183,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
 
 def _write_demo_data(config: ml_collections.ConfigDict) -> None:
     """The embedded demos' data, where run_config.parse pointed the input (process 0 only)."""
+    # Late, like the input pipeline in run().
+    from input_pipeline.demo import digits as demo_digits
+    from input_pipeline.demo import shards as demo_shards  # late, like run()'s input pipeline
+
     if config.get("demo_data") is not None:
         demo_shards.ensure_demo_shards(config.input.data.files, num_images=config.demo_data.num_images,
                                        image_size=config.demo_data.image_size)

@@ -15,10 +15,15 @@ import math
 import os
 from collections.abc import Mapping
 
-import tensorflow as tf
 from clu import metric_writers, periodic_actions
 
 METRICS_FILE = "metrics.jsonl"
+
+
+def _gfile():
+    """tf.io.gfile, imported late: this module loads on GPU hosts without TensorFlow."""
+    import tensorflow as tf
+    return tf.io.gfile
 
 
 class MetricLogger:
@@ -39,7 +44,7 @@ class MetricLogger:
         if is_main:
             path = os.path.join(workdir, METRICS_FILE)
             _truncate_after(path, resume_step)
-            self._jsonl = tf.io.gfile.GFile(path, "a")
+            self._jsonl = _gfile().GFile(path, "a")
 
     def progress(self, total_steps: int, every_steps: int) -> periodic_actions.ReportProgress:
         """clu's progress reporter (logs rate, share done and ETA) writing its rate through here."""
@@ -82,10 +87,10 @@ def _truncate_after(path: str, step: int) -> None:
 
     A line that is not JSON can only be a write cut short by a kill: it is dropped, not fatal.
     """
-    if not tf.io.gfile.exists(path):
+    if not _gfile().exists(path):
         return
     kept = []
-    with tf.io.gfile.GFile(path, "r") as f:
+    with _gfile().GFile(path, "r") as f:
         lines = f.read().splitlines()
     for number, line in enumerate(lines, 1):
         if not line.strip():
@@ -98,6 +103,6 @@ def _truncate_after(path: str, step: int) -> None:
         if record.get("step", 0) <= step:
             kept.append(line + "\n")
     tmp = path + ".tmp"
-    with tf.io.gfile.GFile(tmp, "w") as f:
+    with _gfile().GFile(tmp, "w") as f:
         f.write("".join(kept))
-    tf.io.gfile.rename(tmp, path, overwrite=True)
+    _gfile().rename(tmp, path, overwrite=True)
