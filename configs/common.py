@@ -106,8 +106,8 @@ def input_config(*, files: str, pp_train: str, pp_eval: str, shuffle_buffer: int
         cycle_length=16,                          # shards read in parallel per process
         num_parallel_calls=-1,                    # -1 = tf.data AUTOTUNE
         prefetch=4,                               # batches prefetched by tf.data
-        ram_budget_gb=None,
-        exclude_keys_file=None,                   # keys/urls never to train on (decontamination)
+        ram_budget_gb=config_dict.placeholder(float),  # tf.data's RAM budget; None = its own
+        exclude_keys_file=config_dict.placeholder(str),  # keys/urls never to train on (decontamination)
         strict=False,                             # True: stop at the first damaged record
     ))
 
@@ -124,5 +124,7 @@ def run_control(config: ml_collections.ConfigDict, *, log_every: int, eval_every
     config.compilation_cache_dir = ""             # keep compiled steps here (path or gs://): restarts
                                                   # skip compiling; "" = JAX_COMPILATION_CACHE_DIR or none
     config.mesh = dict(data=-1, fsdp=1, model=1)  # -1 = all remaining devices
-    config.sharding_rules = None                  # None = coyo_vit.training.sharding.DEFAULT_RULES
-    config.param_sharding = []                    # [regex, placement] overrides, see sharding.param_shardings
+    # Both are tuples so the command line can set them, e.g.
+    # --config.sharding_rules='(("embed", "fsdp"), ("mlp", "model"))'.
+    config.sharding_rules = config_dict.placeholder(tuple)  # None = sharding.DEFAULT_RULES
+    config.param_sharding = ()                    # (regex, placement) overrides, see sharding.param_shardings

@@ -6,6 +6,7 @@ with 1000 classes and no pre-logits, with an EMA, evaluated by `val` (top-1) and
 from pathlib import Path
 
 import ml_collections
+from ml_collections import config_dict
 
 from configs import common
 
@@ -26,7 +27,7 @@ def get_config(data_dir: str) -> ml_collections.ConfigDict:
     config.loss = "softmax_xent"
     config.model = common.model_config(patch_size=8, width=64, depth=2, mlp_dim=128, num_heads=4)
     config.input = dict(data=dict(data, split="train"), pp_train=PP, pp_eval=PP, shuffle_buffer=16,
-                        cycle_length=2, num_parallel_calls=-1, prefetch=2, ram_budget_gb=None)
+                        cycle_length=2, num_parallel_calls=-1, prefetch=2, ram_budget_gb=config_dict.placeholder(float))  # None = tf.data's own
     config.optimizer = dict(name="sgd", momentum=0.9, grad_clip_norm=1.0)
     config.schedule = dict(base_lr=0.05, end_lr=0.0, warmup_steps=3, decay="cosine")
     config.ema_decay = 0.9
