@@ -30,7 +30,7 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from coyo_vit.models import SPEED_OPTIONS, Model
-from coyo_vit.training import runtime, sharding
+from coyo_vit.training import cli, runtime, sharding
 from coyo_vit.training.evaluators.registry import build_evaluators
 from coyo_vit.training.step import get_loss
 
@@ -123,4 +123,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

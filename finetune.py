@@ -12,11 +12,11 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # before anything imports TensorFlow
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
-from coyo_vit.training import run_config  # noqa: E402
+from coyo_vit.training import cli, run_config  # noqa: E402
 
 flags.adopt_module_key_flags(run_config)  # --help lists --config, --workdir, ... (defined there)
 
 if __name__ == "__main__":
-    app.run(lambda argv: run_config.main(argv, require_init=True))
+    cli.run(lambda argv: run_config.main(argv, require_init=True))

@@ -67,3 +67,25 @@ def test_keys_whose_default_is_none_are_overridden(tmp_path, shared_fixtures):
     assert "not supported for overriding" not in result.stderr
     assert f"exclusion list {exclude}: the first line must name the field" in result.stderr, \
         result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("script,args,expected", [
+    ("train.py", ["--config", "configs/demo.py", "--workdir", "{tmp}", "--config.batch_sise=32"],
+     "error: --config.batch_sise: config has unknown keys ['batch_sise'] (did you mean batch_size?); "
+     "valid keys: ['batch_size', "),
+    ("finetune.py", ["--config", "configs/finetune.py:dataset=cifar10,classes=10", "--workdir",
+                     "{tmp}", "--config.init=/nowhere", "--config.model.widht=8"],
+     "error: --config.model.widht: config.model has unknown keys ['widht'] (did you mean width?); "
+     "valid keys: ['attention_impl', "),
+    ("evaluate.py", ["--config", "configs/imagenet_finetune.py:res=384,stepz=3", "--checkpoint",
+                     "{tmp}"],
+     "error: --config=configs/imagenet_finetune.py:res=384,stepz=3: Unknown config argument "
+     "'stepz'; valid: ['batch', 'ema', 'lr', 'res', 'steps', 'variant']. Did you mean 'steps'?"),
+])
+def test_a_bad_key_or_config_argument_is_one_line(tmp_path, script, args, expected):
+    # Each once printed ~30 lines of chained tracebacks from inside absl's flag parsing.
+    result = _run(script, *[a.replace("{tmp}", str(tmp_path)) for a in args], timeout=60)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.startswith(expected), result.stderr[-2000:]
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert not list(tmp_path.iterdir())  # nothing ran
