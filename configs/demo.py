@@ -5,7 +5,7 @@
                                                      # (configs/demo.py:steps=60 alike)
 
 The data (img2dataset TFRecord shards, written on first use into WORKDIR/demo_data, or
-`--config.demo_data.out_dir`) holds ~10 drawn concepts, each labeled with a real ImageNet-21k
+`--config.demo_data.out_dir`; `--config.input.data.files` is refused: the demo trains on its own data) holds ~10 drawn concepts, each labeled with a real ImageNet-21k
 class; labels are read in `threshold` mode exactly like COYO-Labeled-300M. Finishes in minutes
 on 2 CPU cores; watch holdout/prec@1 climb far above chance.
 """

@@ -89,3 +89,17 @@ def test_a_bad_key_or_config_argument_is_one_line(tmp_path, script, args, expect
     assert result.stderr.startswith(expected), result.stderr[-2000:]
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert not list(tmp_path.iterdir())  # nothing ran
+
+
+def test_the_demo_refuses_data_files_it_would_replace(tmp_path):
+    # configs/demo.py trains on the data it writes: --config.input.data.files was silently
+    # replaced by WORKDIR/demo_data (and a run seemed to train on the user's shards).
+    result = _run("train.py", "--config", "configs/demo.py:10", "--workdir", str(tmp_path / "w"),
+                  "--config.input.data.files=/data/coyo/*.tfrecord", timeout=60)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.splitlines()[-1] == (
+        "error: config.input.data.files='/data/coyo/*.tfrecord' cannot be used with this demo "
+        "config: it trains on the data it writes (config.demo_data); move that with "
+        "--config.demo_data.out_dir=DIR, or train on your own data with a config without a demo "
+        "section (e.g. configs/coyo_pretrain.py)")
+    assert "Traceback" not in result.stderr and not (tmp_path / "w" / "demo_data").exists()

@@ -4,7 +4,8 @@ absl parses the flags inside `app.run`, and `--config` is parsed there too (ml_c
 the config file, calls `get_config(arg)` and applies each `--config.key=value`). A misspelled key
 or a bad config argument then ends in chained tracebacks. Here any such error is one line on
 stderr, `error: <what is wrong, and what would be valid>`, and exit status 2, before `main` runs;
-an unknown key names the nearest valid ones (coyo_vit.config_keys.check_keys).
+an unknown key names the nearest valid ones (coyo_vit.config_keys.check_keys). A ConfigError
+that `main` raises (run_config.parse's checks of the config) is reported the same way.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import Any
 import ml_collections
 from absl import app, flags
 
-from coyo_vit.config_keys import check_keys
+from coyo_vit.config_keys import ConfigError, check_keys
 
 CONFIG_FLAG = "config"
 # What a config file or an override raises for a bad value (ValueError, also absl's flag
@@ -26,7 +27,15 @@ _CONFIG_FILE_ERROR = "Error whilst parsing config file"
 
 
 def run(main: Callable[[list[str]], Any]) -> None:
-    app.run(main, flags_parser=parse_flags)
+    """`app.run(main)`; flag errors, and a ConfigError raised by `main`, print one line."""
+    def main_reporting_config_errors(argv: list[str]) -> Any:
+        try:
+            return main(argv)
+        except ConfigError as err:
+            sys.stderr.write(f"error: {' '.join(str(err).split())}\n")
+            sys.exit(2)
+
+    app.run(main_reporting_config_errors, flags_parser=parse_flags)
 
 
 def parse_flags(argv: Sequence[str]) -> list[str]:

@@ -20,7 +20,7 @@ import optax
 from absl import app, flags
 from ml_collections import config_flags
 
-from coyo_vit.config_keys import check_keys
+from coyo_vit.config_keys import ConfigError, check_keys
 from coyo_vit.models import Model
 from coyo_vit.training import optimizer, runtime
 from coyo_vit.training.step import get_loss
@@ -96,10 +96,15 @@ def parse(config: ml_collections.ConfigDict, workdir: str) -> RunConfig:
     check_keys(config, TOP_LEVEL_KEYS, "config")
     with config.unlocked():
         if config.get("demo_data") is not None:
-            config.input.data.files = config.demo_data.out_dir or os.path.join(workdir, "demo_data")
+            demo_dir = config.demo_data.out_dir or os.path.join(workdir, "demo_data")
+            _refuse_demo_data_override(config.input.data.get("files"), demo_dir, "files",
+                                       "demo_data")
+            config.input.data.files = demo_dir
         if config.get("demo_digits") is not None:
             # A shared field: the evaluators' data sections follow it.
             config.demo_digits.out_dir = config.demo_digits.out_dir or os.path.join(workdir, "digits")
+            _refuse_demo_data_override(config.input.data.get("root"), config.demo_digits.out_dir,
+                                       "root", "demo_digits")
             config.input.data.root = config.demo_digits.out_dir
     model_kwargs = config.model.to_dict()
     Model(num_classes=config.num_classes, **model_kwargs)  # checks its fields and the variant
@@ -131,6 +136,17 @@ def parse(config: ml_collections.ConfigDict, workdir: str) -> RunConfig:
         checkpoint_compression=config.get("checkpoint_compression", False),
         device_prefetch=config.get("device_prefetch", 2),
         compilation_cache_dir=config.get("compilation_cache_dir") or None, raw=config)
+
+
+def _refuse_demo_data_override(given: Any, demo_dir: str, key: str, section: str) -> None:
+    """The demos train on the data they write: a data path set by hand would be replaced (and
+    written into), so it is an error rather than silently ignored."""
+    if given and given != demo_dir:
+        raise ConfigError(
+            f"config.input.data.{key}={given!r} cannot be used with this demo config: it trains on "
+            f"the data it writes (config.{section}); move that with --config.{section}.out_dir=DIR, "
+            "or train on your own data with a config without a demo section (e.g. "
+            + ("configs/coyo_pretrain.py)" if section == "demo_data" else "configs/finetune.py)"))
 
 
 def _as_dict(section: Any) -> Mapping[str, Any]:
