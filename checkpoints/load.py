@@ -38,6 +38,14 @@ class CheckpointFormatError(ValueError):
     """No reader accepted the path; the message lists each format tried and why it failed."""
 
 
+class HeadCountUnknown(ValueError):
+    """The checkpoint does not store its head count and its width is not a standard ViT's."""
+
+    def __init__(self, message: str, width: int):
+        super().__init__(message)
+        self.width = width
+
+
 class _NotThisFormat(Exception):
     """A reader's reason for rejecting a path (collected into CheckpointFormatError)."""
 
@@ -76,6 +84,21 @@ def load(path: str | Path, variant: str | None = None, **overrides: Any) -> tupl
         grid = (1, 1)
     check_against_model(flat, kwargs, grid)
     return unflatten_tree(flat), kwargs
+
+
+def describe(path: str | Path, variant: str | None = None, num_heads: int | None = None) -> dict:
+    """The Model kwargs of the checkpoint at `path`, as `load` would return them without
+    overrides, read from its shapes and metadata only (no parameter values are read, but for
+    transformers / timm folders).
+
+    `variant` / `num_heads` supply the head count where the format does not store it (coyo-vit
+    TensorFlow and timm checkpoints of a non-standard width: HeadCountUnknown otherwise).
+    """
+    sizes = decode_variant(variant) if variant is not None else {}
+    overrides = {} if num_heads is None else {"num_heads": num_heads}
+    flat, saved_kwargs = _read_any(Path(path), lambda width: _num_heads(width, variant, sizes, overrides),
+                                   shapes_only=True)
+    return {**saved_kwargs, **infer_model_kwargs(flat)}
 
 
 def infer_model_kwargs(flat: dict[str, Any]) -> dict[str, Any]:
@@ -141,17 +164,23 @@ def _num_heads(width: int, variant: str | None, sizes: dict, overrides: dict) ->
         return sizes["num_heads"]
     if width in STANDARD_HEADS:
         return STANDARD_HEADS[width]
-    raise ValueError(
+    raise HeadCountUnknown(
         f"cannot tell the head count of width-{width} attention kernels (variant={variant!r}): pass "
-        f"num_heads= or variant=; the standard ViT table knows widths {STANDARD_HEADS}")
+        f"num_heads= or variant=; the standard ViT table knows widths {STANDARD_HEADS}", width)
 
 
-def _read_any(path: Path, heads_for_width: Callable[[int], int]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Runs each reader; returns the first success as (our flat params, saved kwargs)."""
+def _read_any(path: Path, heads_for_width: Callable[[int], int],
+              shapes_only: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Runs each reader; returns the first success as (our flat params, saved kwargs).
+
+    `shapes_only`: the arrays are stand-ins of the right shapes and dtypes that hold no memory
+    (zero strides), where the format can tell the shapes without reading the values.
+    """
     if not path.exists() and not Path(f"{path}.index").exists():
         raise FileNotFoundError(f"checkpoint path does not exist: {path}")
-    readers = (("orbax", _read_orbax), ("coyo-vit TensorFlow", lambda p: _read_tf(p, heads_for_width)),
-               (".npz (vit_jax / big_vision)", _read_npz),
+    readers = (("orbax", lambda p: _read_orbax(p, shapes_only)),
+               ("coyo-vit TensorFlow", lambda p: _read_tf(p, heads_for_width, shapes_only)),
+               (".npz (vit_jax / big_vision)", lambda p: _read_npz(p, shapes_only)),
                ("transformers / timm safetensors", lambda p: _read_torch(p, heads_for_width)))
     reasons = []
     for name, reader in readers:
@@ -165,7 +194,12 @@ def _read_any(path: Path, heads_for_width: Callable[[int], int]) -> tuple[dict[s
     raise CheckpointFormatError(f"could not read {path} as a checkpoint. Tried:\n  " + "\n  ".join(reasons))
 
 
-def _read_orbax(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+def _stand_in(shape: Any, dtype: Any) -> np.ndarray:
+    """An array of `shape` and `dtype` that holds one element (all strides 0)."""
+    return np.broadcast_to(np.zeros((), dtype), tuple(shape))
+
+
+def _read_orbax(path: Path, shapes_only: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
     try:
         from checkpoints import orbax_io  # pylint: disable=import-outside-toplevel
     except ImportError as err:
@@ -173,23 +207,26 @@ def _read_orbax(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     if not orbax_io.is_orbax_checkpoint(path):
         raise _NotThisFormat("not an orbax checkpoint directory, step or workdir")
     try:
-        params, saved = orbax_io.restore_params(path)
+        params, saved = orbax_io.restore_params(path, shapes_only=shapes_only)
     except Exception as err:  # Damaged checkpoints surface as many error types.
         raise _NotThisFormat(f"restore failed: {type(err).__name__}: {err}") from None
     saved = dict(saved or {})
     sizes = decode_variant(saved.pop("variant")) if saved.get("variant") else {}
     saved = {k: v for k, v in saved.items() if k in _MODEL_FIELDS and (v is not None or k not in sizes)}
     flat = flatten_tree(meta.unbox(params))
+    if shapes_only:
+        flat = {k: _stand_in(v.shape, v.dtype) for k, v in flat.items()}
     return flat, {**sizes, **saved}
 
 
-def _read_tf(path: Path, heads_for_width: Callable[[int], int]) -> tuple[dict[str, Any], dict[str, Any]]:
+def _read_tf(path: Path, heads_for_width: Callable[[int], int],
+             shapes_only: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
     try:
         prefix = tf_coyo.find_checkpoint_prefix(path)
     except ValueError as err:
         raise _NotThisFormat(str(err)) from None
     try:
-        variables = tf_coyo.read_variables(prefix)
+        variables = tf_coyo.read_variables(prefix, stand_in=_stand_in if shapes_only else None)
     except ImportError as err:
         raise _NotThisFormat(f"TensorFlow is needed to read it and is not installed ({err})") from None
     except Exception as err:  # TF raises its own error classes for damaged files.
@@ -200,7 +237,7 @@ def _read_tf(path: Path, heads_for_width: Callable[[int], int]) -> tuple[dict[st
     return tf_coyo.coyo_to_ours(variables, heads_for_width(tf_coyo.width_of(variables))), {}
 
 
-def _read_npz(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+def _read_npz(path: Path, shapes_only: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
     if not path.is_file():
         raise _NotThisFormat("not a file")
     try:
@@ -211,13 +248,26 @@ def _read_npz(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         raise _NotThisFormat("a single .npy array, not an .npz archive")
     try:
         with data:
-            arrays = {key: data[key] for key in data.files}
+            if shapes_only:  # each member's .npy header only
+                arrays = {key: _stand_in(*_npy_header(data.zip, key)) for key in data.files}
+            else:
+                arrays = {key: data[key] for key in data.files}
     except Exception as err:  # Damaged members: bad CRC, truncated data, zlib errors.
         raise _NotThisFormat(f"damaged archive: {type(err).__name__}: {err}") from None
     try:
         return npz_layouts.npz_to_ours(arrays), {}
     except ValueError as err:
         raise _NotThisFormat(str(err)) from None
+
+
+def _npy_header(archive: Any, key: str) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) from the header of the .npy member `key` of an open .npz zip."""
+    with archive.open(f"{key}.npy") as f:
+        version = np.lib.format.read_magic(f)
+        read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                else np.lib.format.read_array_header_2_0)
+        shape, _, dtype = read(f)
+    return shape, dtype
 
 
 def _read_torch(path: Path, heads_for_width: Callable[[int], int]) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -108,13 +108,15 @@ def is_orbax_checkpoint(path: str) -> bool:
         return False
 
 
-def restore_params(path: str, prefer_ema: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
+def restore_params(path: str, prefer_ema: bool = True,
+                   shapes_only: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
     """Reads only the parameters (as numpy) and the Model kwargs from one of our checkpoints.
 
     `path` may be a training workdir (its latest step is used), its checkpoints/ directory, or a
     step directory. Optimizer state is not read, so this costs the memory of the params alone.
     A run that kept an EMA of its weights was evaluated on it, so with `prefer_ema` those are
-    the parameters returned.
+    the parameters returned. `shapes_only`: orbax's metadata of each parameter (shape, dtype)
+    in place of its value, nothing read but the metadata.
     """
     step_dir = _resolve_step_dir(path)
     if step_dir is None:
@@ -127,15 +129,18 @@ def restore_params(path: str, prefer_ema: bool = True) -> tuple[dict[str, Any], 
     if item not in tree_meta:
         raise ValueError(f"Checkpoint {str(step_dir)!r} holds no 'params' (found {sorted(tree_meta)}).")
     params_meta = {item: tree_meta[item]}
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), params_meta)
-    checkpointer = ocp.Checkpointer(handler)
-    restored = checkpointer.restore(step_dir / STATE_ITEM, args=ocp.args.PyTreeRestore(
-        item=params_meta, restore_args=restore_args, partial_restore=True))
+    if shapes_only:  # the parameters' metadata (each leaf has .shape and .dtype), no values
+        restored = params_meta
+    else:
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), params_meta)
+        restored = ocp.Checkpointer(handler).restore(step_dir / STATE_ITEM, args=ocp.args.PyTreeRestore(
+            item=params_meta, restore_args=restore_args, partial_restore=True))
     meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(
         step_dir / META_ITEM, args=ocp.args.JsonRestore())
     if "model" not in meta:
         raise ValueError(f"Checkpoint {str(step_dir)!r} has no model description in {META_ITEM}/.")
-    logging.info("Restored %s from %s", item, step_dir)
+    if not shapes_only:
+        logging.info("Restored %s from %s", item, step_dir)
     # Fields a newer Model no longer has (e.g. the removed fused_qkv) are dropped, so an older
     # checkpoint's description still builds a Model.
     known = {f.name for f in dataclasses.fields(Model)}

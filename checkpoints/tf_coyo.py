@@ -12,8 +12,9 @@ projection's [D, D] to [H, D/H, D]). H is not recoverable from shapes: callers s
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -74,20 +75,25 @@ def find_checkpoint_prefix(path: str | Path) -> str:
                      "pass one prefix, e.g. " + str(indexes[-1].with_suffix("")))
 
 
-def read_variables(prefix: str) -> dict[str, np.ndarray]:
+def read_variables(prefix: str, stand_in: Callable[[Any, Any], np.ndarray] | None = None
+                   ) -> dict[str, np.ndarray]:
     """All model variables of a TF checkpoint, names without the object-graph suffix.
 
-    Optimizer slots, step counters and the object graph itself are skipped.
+    Optimizer slots, step counters and the object graph itself are skipped. With `stand_in`
+    (shape, numpy dtype) -> array, only the checkpoint's index is read: each variable is
+    `stand_in(shape, dtype)`.
     """
     import tensorflow as tf  # Lazy: only this format needs TensorFlow.
 
     reader = tf.train.load_checkpoint(prefix)
+    dtypes = reader.get_variable_to_dtype_map()
     variables = {}
-    for name in reader.get_variable_to_shape_map():
+    for name, shape in reader.get_variable_to_shape_map().items():
         if name.startswith(_IGNORED_PREFIXES):
             continue
         short = name[: -len(_SUFFIX)] if name.endswith(_SUFFIX) else name
-        variables[short] = np.asarray(reader.get_tensor(name))
+        variables[short] = (np.asarray(reader.get_tensor(name)) if stand_in is None
+                            else stand_in(shape, dtypes[name].as_numpy_dtype))
     return variables
 
 

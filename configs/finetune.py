@@ -7,7 +7,7 @@
 
 Arguments (comma-separated key=value): dataset (a TFDS name) or folder (an image folder root,
 ROOT/<split>/<class>/<image>), classes (required), res (224), steps (10000), batch (512),
-lr (0.01), warmup (500), variant (B/16), train_split (train), val_split (test; imagenet2012
+lr (0.01), warmup (500), variant (auto: config.init's shape; or e.g. B/16, checked against it), train_split (train), val_split (test; imagenet2012
 calls it validation), ema (0 = off), mixup (0 = off), smoothing (0: label smoothing eps).
 The recipe is the ImageNet one (SGD momentum 0.9, no weight decay, clip 1.0, cosine, softmax
 cross-entropy, new zero head, pre-logits dropped, position embeddings resized); eval resizes
@@ -21,7 +21,7 @@ from ml_collections import config_dict
 from configs import common
 
 DEFAULTS = dict(dataset="", folder="", classes=0, res=224, steps=10_000, batch=512, lr=0.01,
-                warmup=500, variant="B/16", train_split="train", val_split="test", ema=0.0,
+                warmup=500, variant="auto", train_split="train", val_split="test", ema=0.0,
                 mixup=0.0, smoothing=0.0)
 
 
@@ -50,7 +50,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.grad_accum_steps = 1
     config.total_steps = args["steps"]
     config.loss = "softmax_xent"
-    config.model = common.model_config(variant=args["variant"], dtype="bfloat16")
+    config.model = common.model_config(variant=args["variant"], pool_type=None, posemb=None,
+                                       dtype="bfloat16")  # None: config.init's
     if args["dataset"]:
         source = dict(name="tfds", tfds_name=args["dataset"], data_dir=config_dict.placeholder(str),
                       manual_dir=config_dict.placeholder(str))

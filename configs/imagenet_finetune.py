@@ -12,7 +12,8 @@ num_classes=1000, rep_size=None, image_size=res)`), EMA of the parameters with d
 the 512px run. Train aug: Inception crop + flip; eval: plain resize to res, no crop. Evaluators:
 ImageNet validation top-1/top-5 and ImageNet-ReaL.
 
-Arguments (comma-separated key=value): variant (L/16), res (384 | 512), steps (20000), lr (0.03),
+Arguments (comma-separated key=value): variant (auto: config.init's shape; L/16 etc. are
+checked against it), res (384 | 512), steps (20000), lr (0.03),
 batch (512), ema (default: 0.9999 at 512px, off at 384px; 0 = off). data_dir, manual_dir and
 init are set with --config.* flags; data_dir / manual_dir given once reach the evaluators too.
 The ImageNet TFDS data must be prepared once (input_pipeline.classification_data.prepare).
@@ -29,7 +30,7 @@ RECIPE_EMA = {512: 0.9999}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    args = common.parse_args(arg, dict(variant="L/16", res=384, steps=20_000, lr=0.03, batch=512,
+    args = common.parse_args(arg, dict(variant="auto", res=384, steps=20_000, lr=0.03, batch=512,
                                        ema=-1.0))
     res = args["res"]
     if res not in (384, 512):
@@ -45,7 +46,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.grad_accum_steps = 1
     config.total_steps = args["steps"]
     config.loss = "softmax_xent"
-    config.model = common.model_config(variant=args["variant"], dtype="bfloat16")
+    config.model = common.model_config(variant=args["variant"], pool_type=None, posemb=None,
+                                       dtype="bfloat16")  # None: config.init's
     data_dir, manual_dir = config_dict.placeholder(str), config_dict.placeholder(str)
     imagenet = dict(name="tfds", tfds_name="imagenet2012", data_dir=data_dir, manual_dir=manual_dir)
     labels = f"onehot({NUM_CLASSES})"

@@ -21,7 +21,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from coyo_vit.config_keys import ConfigError, check_keys
-from coyo_vit.models import Model
+from coyo_vit.models import Model, decode_variant
 from coyo_vit.training import optimizer, runtime
 from coyo_vit.training.step import get_loss
 
@@ -44,6 +44,12 @@ TOP_LEVEL_KEYS = (
     "mixup_alpha", "evals", "eval_batch_size", "eval_every_steps", "log_every_steps",
     "checkpoint_every_steps", "keep_checkpoints", "checkpoint_compression", "device_prefetch",
     "compilation_cache_dir", "mesh", "sharding_rules", "param_sharding")
+
+
+# config.model.variant="auto": the model's shape is config.init's (see resolve_model).
+AUTO = "auto"
+_SHAPE_FIELDS = ("patch_size", "width", "depth", "mlp_dim", "num_heads")
+_MODEL_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Model)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,8 +112,8 @@ def parse(config: ml_collections.ConfigDict, workdir: str) -> RunConfig:
             _refuse_demo_data_override(config.input.data.get("root"), config.demo_digits.out_dir,
                                        "root", "demo_digits")
             config.input.data.root = config.demo_digits.out_dir
-    model_kwargs = config.model.to_dict()
-    Model(num_classes=config.num_classes, **model_kwargs)  # checks its fields and the variant
+    model_kwargs = resolve_model(config.model.to_dict(), config.get("init") or None,
+                                 config.num_classes)
     schedule = optimizer.make_schedule(config.schedule, config.total_steps)
     skip_nonfinite = bool(config.optimizer.get("skip_nonfinite", False))
     evals = {name: dict(section) for name, section in _as_dict(config.get("evals")).items()}
@@ -136,6 +142,100 @@ def parse(config: ml_collections.ConfigDict, workdir: str) -> RunConfig:
         checkpoint_compression=config.get("checkpoint_compression", False),
         device_prefetch=config.get("device_prefetch", 2),
         compilation_cache_dir=config.get("compilation_cache_dir") or None, raw=config)
+
+
+def resolve_model(model: dict[str, Any], init: str | None, num_classes: int) -> dict[str, Any]:
+    """`config.model` as concrete Model kwargs, checked against the checkpoint `init`.
+
+    With `init`, the shape the config leaves open comes from the checkpoint's shapes and metadata
+    (checkpoints.describe; no parameter is read): everything with `variant="auto"` (patch,
+    width, depth, MLP size, heads, pooling, position embedding, and the pre-logits size when
+    `rep_size=True` keeps them), else `pool_type` / `posemb` where they are None. Any field the
+    config sets wins, and a shape that differs from the checkpoint's is a ConfigError naming
+    both, e.g. "checkpoint: width 64, depth 2; config: B/16 (width 768, depth 12)".
+    """
+    auto = model.get("variant") == AUTO
+    if init is None:
+        if auto:
+            raise ConfigError(
+                "config.model.variant='auto' takes the model's shape from config.init, which is "
+                "unset: set --config.init=CHECKPOINT, or a variant (e.g. --config.model.variant=B/16)")
+        resolved = {k: v for k, v in model.items() if v is not None or _MODEL_DEFAULTS.get(k) is None}
+        return _checked(resolved, num_classes)
+    checkpoint = _describe_init(init, model, auto)
+    resolved = dict(model)
+    open_fields = _SHAPE_FIELDS + ("pool_type", "posemb") if auto else ("pool_type", "posemb")
+    for field in open_fields:
+        if resolved.get(field) is None:
+            resolved[field] = checkpoint[field]
+    if auto:
+        resolved["variant"] = None
+        if resolved.get("rep_size") is True:  # keep the checkpoint's pre-logits layer
+            if not checkpoint.get("rep_size"):
+                raise ConfigError(f"config.model.rep_size=True keeps the pre-logits layer, but "
+                                  f"config.init {init!r} has none: set --config.model.rep_size=None")
+            resolved["rep_size"] = checkpoint["rep_size"]
+        logging.info("config.model.variant='auto': the shape of %s: %s", init,
+                     {k: resolved[k] for k in open_fields + ("rep_size",)})
+    model_obj = Model(num_classes=num_classes, **_checked(resolved, num_classes))
+    dims = model_obj.dims
+    ours = {"patch": dims.patch_size, "width": dims.width, "depth": dims.depth,
+            "mlp_dim": dims.mlp_dim, "heads": dims.num_heads, "pool_type": model_obj.pool_type,
+            "posemb": model_obj.posemb}
+    theirs = {"patch": checkpoint["patch_size"], "width": checkpoint["width"],
+              "depth": checkpoint["depth"], "mlp_dim": checkpoint["mlp_dim"],
+              "heads": checkpoint["num_heads"], "pool_type": checkpoint["pool_type"],
+              "posemb": checkpoint["posemb"]}
+    rep = model_obj.representation_size
+    if rep is not None:  # kept pre-logits must be the checkpoint's (None drops them)
+        ours["pre-logits"], theirs["pre-logits"] = rep, checkpoint.get("rep_size")
+    if ours != theirs:
+        raise ConfigError(f"config.init {init!r} does not match config.model: "
+                          + mismatch(theirs, ours, model.get("variant"))
+                          + "; leave config.model.variant='auto' (the checkpoint's shape) or set "
+                          "--config.model.<key> to the checkpoint's values")
+    return resolved
+
+
+def mismatch(checkpoint: Mapping[str, Any], config: Mapping[str, Any], variant: str | None) -> str:
+    """"checkpoint: width 64, depth 2; config: B/16 (width 768, depth 12)": the differing fields."""
+    keys = [k for k in config if checkpoint.get(k) != config[k]]
+    theirs = ", ".join(f"{k} {checkpoint.get(k)}" for k in keys)
+    ours = ", ".join(f"{k} {config[k]}" for k in keys)
+    return f"checkpoint: {theirs}; config: " + (f"{variant} ({ours})" if variant and variant != AUTO else ours)
+
+
+def _describe_init(init: str, model: Mapping[str, Any], auto: bool) -> dict[str, Any]:
+    """checkpoints.describe(init), the head count from the config where the format has none."""
+    import checkpoints  # late: the format readers (TensorFlow only for coyo-vit TF checkpoints)
+
+    heads = model.get("num_heads")
+    try:
+        return checkpoints.describe(init, num_heads=heads)
+    except checkpoints.HeadCountUnknown as err:
+        if auto or model.get("variant") is None:
+            raise ConfigError(
+                f"config.init {init!r} does not record its attention head count and its width "
+                f"{err.width} is not a standard ViT's: set --config.model.num_heads (a divisor of "
+                f"{err.width}; standard ViTs have 64 channels per head)") from None
+        # The config's variant supplies the heads; if they cannot divide the width, the width
+        # differs from the variant's anyway, which the caller reports.
+        variant_heads = decode_variant(model["variant"])["num_heads"]
+        described = checkpoints.describe(
+            init, num_heads=variant_heads if err.width % variant_heads == 0 else 1)
+        return {**described, "num_heads": variant_heads}
+    except FileNotFoundError as err:
+        raise ConfigError(f"config.init: {err}") from None
+    except ValueError as err:  # no reader accepted it: the reasons, on one line
+        raise ConfigError(f"config.init {init!r}: {' '.join(str(err).split())}") from None
+
+
+def _checked(model: dict[str, Any], num_classes: int) -> dict[str, Any]:
+    try:
+        Model(num_classes=num_classes, **model)  # checks its fields and the variant
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"config.model: {err}") from None
+    return model
 
 
 def _refuse_demo_data_override(given: Any, demo_dir: str, key: str, section: str) -> None:

@@ -70,3 +70,66 @@ def test_fine_tuning_init_with_another_position_embedding_is_named():
     assert _init_params(config, Model(num_classes=1000, **kwargs)) is not None
     with pytest.raises(ValueError, match="posemb checkpoint=learn config=sincos2d"):
         _init_params(config, Model(num_classes=1000, posemb="sincos2d", **kwargs))
+
+
+NPZ = SHARED / "fixtures" / "vit_jax_npz" / "params.npz"  # width 64, depth 2, 4 heads, patch 8
+TF_PRETRAIN = SHARED / "fixtures" / "coyo_vit_tf" / "pretrain"  # the same sizes; heads not stored
+
+
+def _finetune(tmp_path, *overrides):
+    return subprocess.run(
+        [sys.executable, str(REPO / "finetune.py"), "--config",
+         f"configs/finetune.py:folder={tmp_path / 'no_images'},classes=3,res=32,steps=2,batch=4,warmup=1",
+         "--workdir", str(tmp_path / "ft"), *overrides],
+        cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+def test_finetune_config_takes_the_model_shape_from_the_checkpoint(tmp_path):
+    # configs/finetune.py assumed B/16: a width-64 checkpoint needed a hand-written config. With
+    # variant="auto" only --config.init is needed; the run builds the model, loads the checkpoint
+    # into it, and stops at the image folder, which this test does not write.
+    result = _finetune(tmp_path, f"--config.init={NPZ}")
+    assert ("config.model.variant='auto': the shape of " f"{NPZ}: {{'patch_size': 8, 'width': 64, "
+            "'depth': 2, 'mlp_dim': 128, 'num_heads': 4, 'pool_type': 'tok', 'posemb': 'learn', "
+            "'rep_size': None}") in result.stderr, result.stderr[-3000:]
+    assert f"Initialised from {NPZ}" in result.stderr, result.stderr[-3000:]  # loaded whole
+    assert "image folder root" in result.stderr.splitlines()[-1]
+
+
+def test_tf_checkpoint_of_a_nonstandard_width_names_the_head_count_key(tmp_path):
+    # Was: "num_heads=12 does not divide the checkpoint's width 64", from inside the loop.
+    result = _finetune(tmp_path, f"--config.init={TF_PRETRAIN}")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.splitlines()[-1] == (
+        f"error: config.init '{TF_PRETRAIN}' does not record its attention head count and its "
+        "width 64 is not a standard ViT's: set --config.model.num_heads (a divisor of 64; "
+        "standard ViTs have 64 channels per head)")
+    assert "Traceback" not in result.stderr
+
+
+def test_auto_variant_resolves_against_the_checkpoint_and_loads_it():
+    import ml_collections
+
+    from configs import finetune
+    from coyo_vit.config_keys import ConfigError
+    from coyo_vit.models import Model
+    from coyo_vit.training.loop import _init_params
+    from coyo_vit.training.run_config import resolve_model
+
+    model = finetune.get_config("dataset=cifar10,classes=3").model.to_dict()
+    for init, overrides in ((NPZ, {}), (TF_PRETRAIN, {"num_heads": 4}),
+                            (NPZ, {"rep_size": True, "dropout": 0.1})):
+        kwargs = resolve_model({**model, **overrides}, str(init), 3)
+        assert kwargs["width"] == 64 and kwargs["variant"] is None and kwargs["num_heads"] == 4
+        assert kwargs["rep_size"] == (48 if overrides.get("rep_size") else None)
+        run_cfg = ml_collections.ConfigDict(dict(init=str(init), num_classes=3, image_size=48))
+        assert _init_params(run_cfg, Model(num_classes=3, **kwargs)) is not None
+    with pytest.raises(ConfigError, match=r"checkpoint: patch 8, width 64, depth 2, mlp_dim 128, "
+                                          r"heads 4; config: B/16 \(patch 16, width 768, depth 12, "
+                                          r"mlp_dim 3072, heads 12\)"):
+        resolve_model({**model, "variant": "B/16"}, str(NPZ), 3)
+    with pytest.raises(ConfigError, match=r"checkpoint: width 64; config: width 96"):
+        resolve_model({**model, "width": 96, "num_heads": 4}, str(TF_PRETRAIN), 3)
+    with pytest.raises(ConfigError, match="config.model.variant='auto' takes the model's shape "
+                                          "from config.init, which is unset"):
+        resolve_model(model, None, 3)
