@@ -76,6 +76,8 @@ def load_run(path: str) -> tuple[dict[str, Any], dict[str, tuple[int | None, flo
 def model_name(config: dict[str, Any]) -> str:
     """`ViT-L/16` from model.variant; otherwise the shape of a custom (e.g. demo) model."""
     model = config.get("model") or {}
+    if model.get("variant") == "auto":  # an evaluate.py config: the shape was the checkpoint's
+        return "ViT (the checkpoint's shape)"
     if model.get("variant"):
         return f"ViT-{model['variant']}"
     shape = ", ".join(f"{k} {model[k]}" for k in ("patch_size", "width", "depth") if k in model)

@@ -21,7 +21,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from coyo_vit.config_keys import ConfigError, check_keys
-from coyo_vit.models import Model, decode_variant
+from coyo_vit.models import VARIANTS, Model, decode_variant
 from coyo_vit.training import optimizer, runtime
 from coyo_vit.training.step import get_loss
 
@@ -114,6 +114,9 @@ def parse(config: ml_collections.ConfigDict, workdir: str) -> RunConfig:
             config.input.data.root = config.demo_digits.out_dir
     model_kwargs = resolve_model(config.model.to_dict(), config.get("init") or None,
                                  config.num_classes)
+    if config.model.get("variant") == AUTO:
+        with config.unlocked():  # WORKDIR/config.json (and the report) name the resolved shape
+            config.model.update({k: v for k, v in model_kwargs.items() if k in config.model})
     schedule = optimizer.make_schedule(config.schedule, config.total_steps)
     skip_nonfinite = bool(config.optimizer.get("skip_nonfinite", False))
     evals = {name: dict(section) for name, section in _as_dict(config.get("evals")).items()}
@@ -169,7 +172,10 @@ def resolve_model(model: dict[str, Any], init: str | None, num_classes: int) -> 
         if resolved.get(field) is None:
             resolved[field] = checkpoint[field]
     if auto:
-        resolved["variant"] = None
+        # A standard size is named by its variant (the report's "ViT-L/16"); the fields stay set.
+        sizes = {k: resolved[k] for k in ("width", "depth", "mlp_dim", "num_heads")}
+        resolved["variant"] = next((f"{name}/{resolved['patch_size']}" for name, known
+                                    in VARIANTS.items() if known == sizes), None)
         if resolved.get("rep_size") is True:  # keep the checkpoint's pre-logits layer
             if not checkpoint.get("rep_size"):
                 raise ConfigError(f"config.model.rep_size=True keeps the pre-logits layer, but "
