@@ -1,7 +1,9 @@
 """Test session set-up: two host CPU devices so sharded code paths run for real, and the shared
 reference artifacts (real img2dataset shards, released checkpoints, class lists) as fixtures."""
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -9,9 +11,34 @@ import pytest
 # Must happen before jax is imported anywhere in the test session.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# One XLA compilation cache for the whole session, inherited by every subprocess: the many
+# train.py runs of one tiny config (resumes, preemptions, sweeps) and the tests that build the
+# same step compile it once. A cached program is the one XLA would compile again, so results do
+# not change; a test about compilation itself turns the cache off (see `no_compilation_cache`).
+# COYO_VIT_TEST_XLA_CACHE=0 runs the suite without it.
+_XLA_CACHE = None
+if os.environ.get("COYO_VIT_TEST_XLA_CACHE", "1") != "0" and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _XLA_CACHE = tempfile.mkdtemp(prefix="coyo_vit_tests_xla_cache_")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 SHARED = REPO.parent / "shared"
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    if _XLA_CACHE:
+        shutil.rmtree(_XLA_CACHE, ignore_errors=True)
+
+
+@pytest.fixture
+def no_compilation_cache():
+    """For tests that look at what compiling does (dumps, options): compile for real."""
+    import jax
+
+    jax.config.update("jax_enable_compilation_cache", False)
+    yield
+    jax.config.update("jax_enable_compilation_cache", True)
 
 
 def pytest_collection_modifyitems(config, items) -> None:

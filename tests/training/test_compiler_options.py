@@ -55,7 +55,7 @@ def test_every_option_is_one_xla_knows(platform):
         jax.jit(lambda x: x @ x, compiler_options={"xla_gpu_enable_trition_gemm": False})(jnp.eye(2))
 
 
-def test_train_and_eval_steps_are_compiled_with_them(monkeypatch, tmp_path):
+def test_train_and_eval_steps_are_compiled_with_them(monkeypatch, tmp_path, no_compilation_cache):
     # An option that leaves a trace on disk (an HLO dump) shows that each step gets the options.
     model = Model(num_classes=50, **test_train_step.TINY)
     mesh = sharding.make_mesh({"data": -1}, jax.devices()[:1])
