@@ -70,3 +70,16 @@ def test_fine_tuning_init_with_another_position_embedding_is_named():
     assert _init_params(config, Model(num_classes=1000, **kwargs)) is not None
     with pytest.raises(ValueError, match="posemb checkpoint=learn config=sincos2d"):
         _init_params(config, Model(num_classes=1000, posemb="sincos2d", **kwargs))
+
+
+def test_a_missing_init_fails_before_anything_is_written(tmp_path):
+    # It once failed only after the digits were written and config.json created in the workdir.
+    workdir = tmp_path / "ft"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "finetune.py"), "--config", f"{REPO / 'configs/demo_finetune.py'}:8",
+         "--workdir", str(workdir), f"--config.init={tmp_path / 'no_such_run'}",
+         "--config.schedule.warmup_steps=2"],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert f"config.init '{tmp_path / 'no_such_run'}' does not exist" in result.stderr
+    assert not workdir.exists()
