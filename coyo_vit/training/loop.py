@@ -3,8 +3,8 @@
 Order of events: Ctrl-C watched -> parse and check the whole config -> mesh and batch split ->
 the workdir's latest checkpoint: its config.json compared with this run's, or "already
 finished" -> config.init found -> model, optimizer and the state's shardings -> evaluators
-built and (where their data is not the run's own) their data found and class counts checked.
-Only then is anything written: the data (demo data written, TFDS prepared) -> the remaining
+built and (where their data is not the run's own) their data found and class counts checked
+-> the training files found (shards, image folders). Only then is anything written: the data (demo data written, TFDS prepared) -> the remaining
 evaluators' data checked -> config.json -> restore the latest checkpoint of the workdir or
 initialise -> the data stream from the restored position -> steps, with periodic logging,
 asynchronous checkpoints and evaluations. Ctrl-C before the first step stops at once (exit
@@ -114,14 +114,18 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
         if name not in later:
             evaluator.check_data()
 
+    source = data_source.open_source(run_cfg.input, process_index=process_index,
+                                     process_count=process_count)
+    writes_data = bool(run_data["dirs"]) or run_data["tfds"]
+    if is_main and not writes_data:
+        source.prepare()  # shards or an image folder: finds the files, writes nothing
+
     # From here on files are written. The data: demo data written and TFDS prepared by process
     # 0, then the remaining evaluators' data checked, before anything compiles.
     preemption.check()
     tf.io.gfile.makedirs(workdir)  # gs:// too, like the checkpoints
     runtime.enable_compilation_cache(run_cfg.compilation_cache_dir)
-    source = data_source.open_source(run_cfg.input, process_index=process_index,
-                                     process_count=process_count)
-    if is_main:
+    if is_main and writes_data:
         _write_demo_data(config)
         source.prepare()
     multihost_utils.sync_global_devices("inputs_prepared")

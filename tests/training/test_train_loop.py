@@ -213,10 +213,14 @@ def _snapshot(directory: Path) -> dict[str, tuple[int, int]]:
 def _start(cmd) -> tuple[subprocess.Popen, list[str]]:
     """Starts `cmd`, collecting its stderr lines in a list as they come."""
     import threading
-    # SIGINT as a terminal's process has it (a shell's background job, e.g. pytest under `&`,
-    # starts with it ignored, which train.py respects).
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    # SIGINT as a terminal's process has it: a shell's background job (e.g. pytest under `&`)
+    # starts with it ignored, which train.py respects; a handler here is reset by exec.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(iter(proc.stderr.readline, "")), daemon=True)
     reader.start()
