@@ -80,6 +80,16 @@ class TrainCheckpointer:
         self._manager.close()
 
 
+def latest_step(workdir: str) -> int | None:
+    """The latest complete step of `workdir`'s checkpoints (None: none), read without creating,
+    cleaning or locking anything, so a run can decide what to do before it writes a file."""
+    directory = epath.Path(workdir) / CHECKPOINT_SUBDIR
+    if not directory.exists():
+        return None
+    steps = ocp.utils.checkpoint_steps(directory)
+    return max(steps) if steps else None
+
+
 def _restore_args_for(leaf: Any) -> ocp.RestoreArgs:
     sharding = getattr(leaf, "sharding", None)
     if sharding is not None:

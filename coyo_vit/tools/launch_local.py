@@ -7,7 +7,11 @@ Each copy gets COYO_VIT_COORDINATOR / COYO_VIT_NUM_PROCESSES / COYO_VIT_PROCESS_
 `coyo_vit.training.runtime.initialize`, which joins `jax.distributed` with gloo CPU collectives) and
 `devices_per_process` host CPU devices. This is how the tests exercise real multi-host code
 paths; on a pod or cluster the scheduler starts the processes instead (see scripts/).
-SIGTERM and SIGINT are forwarded to every copy, as a scheduler would send them to every host.
+SIGTERM and SIGINT are forwarded to every copy, as a scheduler would send them to every host:
+SIGTERM checkpoints the current step and exits 0, Ctrl-C (SIGINT) does the same and exits 130,
+a second Ctrl-C aborts. The copies run in their own process group, so a Ctrl-C in the terminal
+reaches each of them once (forwarded from here), not twice (terminal and forward, which would
+abort them unsaved).
 """
 from __future__ import annotations
 
@@ -49,20 +53,25 @@ def _relay(stream, prefix: str) -> None:
 def launch(command: Sequence[str], num_processes: int, devices_per_process: int) -> int:
     """Starts the processes, relays their output prefixed by rank; returns the worst exit code."""
     port = free_port()
-    procs = [subprocess.Popen(list(command), env=process_env(i, num_processes, port, devices_per_process),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-             for i in range(num_processes)]
-    relays = [threading.Thread(target=_relay, args=(p.stdout, f"[{i}] "), daemon=True)
-              for i, p in enumerate(procs)]
-    for t in relays:
-        t.start()
+    procs: list[subprocess.Popen] = []
 
     def forward(signum, frame):
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signum)
 
+    # Installed first: the copies then start with SIGINT at its default (a handler does not pass
+    # through exec), even where this launcher was started with it ignored (a shell's `&` job).
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    procs.extend(subprocess.Popen(list(command), env=process_env(i, num_processes, port, devices_per_process),
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  process_group=0)  # the terminal's Ctrl-C reaches them only via forward()
+                 for i in range(num_processes))
+    relays = [threading.Thread(target=_relay, args=(p.stdout, f"[{i}] "), daemon=True)
+              for i, p in enumerate(procs)]
+    for t in relays:
+        t.start()
+
     try:
         codes = [p.wait() for p in procs]
     finally:

@@ -144,7 +144,8 @@ class Runner:
         log.write(f"\n==== sweep {time.strftime('%Y-%m-%d %H:%M:%S')}: {shlex.join(cmd)}\n")
         log.flush()
         # Points ignore the terminal's Ctrl-C: the sweep gets it and passes on SIGTERM, on which
-        # train.py checkpoints the step it is at before exiting (SIGINT would just kill it).
+        # train.py checkpoints the step it is at before exiting (and ignores SIGINT when started
+        # with it ignored, so the terminal's Ctrl-C does not also reach it).
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 preexec_fn=_ignore_sigint)
         log.close()  # the child holds its own copy

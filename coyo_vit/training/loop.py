@@ -1,10 +1,15 @@
 """The training loop shared by train.py (pretraining) and fine-tuning: one straight line.
 
-Order of events: parse and check the whole config -> mesh and batch split -> model, optimizer
-and the state's shardings -> evaluators (built, so a bad one fails before training) -> the
-data (demo data written, TFDS prepared) -> restore the latest checkpoint of the workdir or
+Order of events: Ctrl-C watched -> parse and check the whole config -> mesh and batch split ->
+the workdir's latest checkpoint: its config.json compared with this run's, or "already
+finished" -> config.init found -> model, optimizer and the state's shardings -> evaluators
+built and (where their data is not the run's own) their data found and class counts checked
+-> the training files found (shards, image folders). Only then is anything written: the data (demo data written, TFDS prepared) -> the remaining
+evaluators' data checked -> config.json -> restore the latest checkpoint of the workdir or
 initialise -> the data stream from the restored position -> steps, with periodic logging,
-asynchronous checkpoints and evaluations.
+asynchronous checkpoints and evaluations. Ctrl-C before the first step stops at once (exit
+130); during training it finishes the step, checkpoints it and exits 130, like SIGTERM (which
+exits 0).
 """
 from __future__ import annotations
 
@@ -21,9 +26,11 @@ import numpy as np
 from flax import linen as nn
 from jax.experimental import multihost_utils
 
+from checkpoints import orbax_io
 from checkpoints.orbax_io import TrainCheckpointer
 from coyo_vit.models import Model, count_params
 from coyo_vit.training import run_config, runtime, sharding
+from coyo_vit.training import workdir as workdir_record
 from coyo_vit.training.evaluators.registry import build_evaluators, is_due
 from coyo_vit.training.metric_logging import MetricLogger
 from coyo_vit.training.step import (
@@ -35,8 +42,26 @@ from coyo_vit.training.step import (
 )
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-    """Trains (or resumes training) per `config` in `workdir`; returns the final state."""
+def run(config: ml_collections.ConfigDict, workdir: str) -> TrainState | None:
+    """Trains (or resumes training) per `config` in `workdir`; returns the final state, or None
+    when the workdir's run had already finished.
+
+    Raises `runtime.Interrupted` (a SystemExit with status 130) after a Ctrl-C: during training
+    once the current step is checkpointed, before it at once, with nothing saved.
+    """
+    preemption = runtime.PreemptionWatcher()  # first, so a Ctrl-C during set-up stops it cleanly
+    try:
+        return _run(config, workdir, preemption)
+    except runtime.InterruptedBeforeTraining:
+        logging.warning("interrupted before training started: no step to save; run the same "
+                        "command to start again")
+        raise runtime.Interrupted(None) from None
+    finally:
+        preemption.close()
+
+
+def _run(config: ml_collections.ConfigDict, workdir: str,
+         preemption: runtime.PreemptionWatcher) -> TrainState | None:
     # Late: TensorFlow (data, gs:// files) only once a run starts, not when the module is imported.
     import tensorflow as tf
 
@@ -56,6 +81,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     logging.info("Process %d/%d, %d local of %d devices, mesh %s", process_index, process_count,
                  jax.local_device_count(), jax.device_count(), dict(mesh.shape))
 
+    # The workdir, read only: a resume must be of the same model and data (config.json), and a
+    # finished run stops here, before any data is built or any step compiled.
+    latest = orbax_io.latest_step(workdir)
+    resume_changes: dict[str, Any] = {}
+    if latest is not None:
+        resume_changes = workdir_record.check_resume(workdir, config)
+        if latest >= run_cfg.total_steps:
+            logging.info("already finished at step %d (config.total_steps=%d) in %s; raise "
+                         "--config.total_steps to train further", latest, run_cfg.total_steps, workdir)
+            return None
+    elif run_cfg.init:
+        _check_init_exists(run_cfg.init, tf)
+
     # Model, optimizer and where every piece of the state lives.
     model = run_cfg.model
     with nn.logical_axis_rules(rules):
@@ -65,58 +103,79 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     logging.info("Model: %s parameters; %.1f MiB of params + optimizer state per device",
                  f"{count_params(abstract.params):,}", sharding.bytes_per_device(abstract) / 2**20)
 
-    # The data: demo data written and TFDS prepared by process 0, then every evaluator built
-    # (each checks its data and class count) before anything trains.
-    tf.io.gfile.makedirs(workdir)  # gs:// too, like the checkpoints
-    runtime.enable_compilation_cache(run_cfg.compilation_cache_dir)
-    source = data_source.open_source(run_cfg.input, process_index=process_index,
-                                     process_count=process_count)
-    if is_main:
-        _write_demo_data(config)
-        source.prepare()
-    multihost_utils.sync_global_devices("inputs_prepared")
-    if is_main:
-        with tf.io.gfile.GFile(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+    # Every evaluator's section checked; the data of those that do not read what this run
+    # writes or prepares (its demo data, its TFDS dataset) found, and their classes counted.
     evaluators = build_evaluators(run_cfg.evals, model=model, mesh=mesh,
                                   params_shardings=shardings.params, loss_fn=run_cfg.loss_fn,
                                   train_input=run_cfg.input)
+    run_data = _run_data(config)
+    later = {name: e for name, e in evaluators.items() if _reads_run_data(e, run_data)}
+    for name, evaluator in evaluators.items():
+        if name not in later:
+            evaluator.check_data()
+
+    source = data_source.open_source(run_cfg.input, process_index=process_index,
+                                     process_count=process_count)
+    writes_data = bool(run_data["dirs"]) or run_data["tfds"]
+    if is_main and not writes_data:
+        source.prepare()  # shards or an image folder: finds the files, writes nothing
+
+    # From here on files are written. The data: demo data written and TFDS prepared by process
+    # 0, then the remaining evaluators' data checked, before anything compiles.
+    preemption.check()
+    tf.io.gfile.makedirs(workdir)  # gs:// too, like the checkpoints
+    runtime.enable_compilation_cache(run_cfg.compilation_cache_dir)
+    if is_main and writes_data:
+        _write_demo_data(config)
+        source.prepare()
+    multihost_utils.sync_global_devices("inputs_prepared")
+    for evaluator in later.values():
+        evaluator.check_data()
+    preemption.check()
+    if is_main and (latest is None or resume_changes):
+        # The first start's config.json; a resume that changed safe keys writes config.<step>.json.
+        path = workdir_record.write_config(workdir, config, latest)
+        if latest is not None:
+            logging.info("Resumed with changed %s; this run's config is in %s",
+                         ", ".join(resume_changes), path)
 
     # Resume from the workdir's latest checkpoint (no flag needed) or start fresh.
-    checkpointer = TrainCheckpointer(workdir, max_to_keep=run_cfg.keep_checkpoints,
-                                     compress=run_cfg.checkpoint_compression)
-    latest = checkpointer.latest_step()
-    if latest is None:
-        params = _init_params(run_cfg, model) if run_cfg.init else None
-        state = init_state(model, run_cfg.tx, run_cfg.image_shape, run_cfg.seed, shardings, params)
-    else:
-        restored, meta = checkpointer.restore(latest, abstract.as_checkpoint())
-        state = TrainState.from_checkpoint(restored)
-        if len(meta["data_positions"]) != process_count:
-            raise ValueError(f"Checkpoint step {latest} was written by {len(meta['data_positions'])} "
-                             f"processes, this run has {process_count}: the data position cannot be mapped.")
-        source.restore(meta, process_index)
-        logging.info("Resumed from step %d (data position %d)", latest, source.position)
-    first_step = int(jax.device_get(state.step))
-
-    batches = sharding.DevicePrefetcher(source.batches(local_batch, run_cfg.seed),
-                                        sharding.batch_sharding(mesh), depth=run_cfg.device_prefetch)
-    train_step = make_train_step(model, run_cfg.tx, run_cfg.loss_fn, shardings,
-                                 sharding.batch_sharding(mesh), run_cfg.schedule,
-                                 grad_accum_steps=accum, ema_decay=run_cfg.ema_decay,
-                                 mixup_alpha=run_cfg.mixup_alpha,
-                                 skip_nonfinite=run_cfg.skip_nonfinite)
-    logging.info("Steps compiled with XLA options %s (coyo_vit/training/step.py; XLA_FLAGS: %s)",
-                 compiler_options_for_mesh(mesh), os.environ.get("XLA_FLAGS") or "unset")
-    logger = MetricLogger(workdir, is_main=is_main, resume_step=first_step,
-                          batch_size=run_cfg.batch_size)
-    progress = logger.progress(run_cfg.total_steps, run_cfg.log_every_steps)
-    progress(first_step)  # the clock starts here: the rate excludes set-up and compilation
-    pending: list[dict[str, jax.Array]] = []  # device metrics since the last log: no per-step host sync
-    preemption = runtime.PreemptionWatcher()
-    total = run_cfg.total_steps
-
+    checkpointer = batches = logger = None  # closed in the finally, whichever were opened
     try:
+        checkpointer = TrainCheckpointer(workdir, max_to_keep=run_cfg.keep_checkpoints,
+                                         compress=run_cfg.checkpoint_compression)
+        latest = checkpointer.latest_step()
+        if latest is None:
+            params = _init_params(run_cfg, model) if run_cfg.init else None
+            state = init_state(model, run_cfg.tx, run_cfg.image_shape, run_cfg.seed, shardings, params)
+        else:
+            restored, meta = checkpointer.restore(latest, abstract.as_checkpoint())
+            state = TrainState.from_checkpoint(restored)
+            if len(meta["data_positions"]) != process_count:
+                raise ValueError(f"Checkpoint step {latest} was written by {len(meta['data_positions'])} "
+                                 f"processes, this run has {process_count}: the data position cannot be mapped.")
+            source.restore(meta, process_index)
+            logging.info("Resumed from step %d (data position %d)", latest, source.position)
+        first_step = int(jax.device_get(state.step))
+
+        batches = sharding.DevicePrefetcher(source.batches(local_batch, run_cfg.seed),
+                                            sharding.batch_sharding(mesh), depth=run_cfg.device_prefetch)
+        train_step = make_train_step(model, run_cfg.tx, run_cfg.loss_fn, shardings,
+                                     sharding.batch_sharding(mesh), run_cfg.schedule,
+                                     grad_accum_steps=accum, ema_decay=run_cfg.ema_decay,
+                                     mixup_alpha=run_cfg.mixup_alpha,
+                                     skip_nonfinite=run_cfg.skip_nonfinite)
+        logging.info("Steps compiled with XLA options %s (coyo_vit/training/step.py; XLA_FLAGS: %s)",
+                     compiler_options_for_mesh(mesh), os.environ.get("XLA_FLAGS") or "unset")
+        logger = MetricLogger(workdir, is_main=is_main, resume_step=first_step,
+                              batch_size=run_cfg.batch_size)
+        progress = logger.progress(run_cfg.total_steps, run_cfg.log_every_steps)
+        progress(first_step)  # the clock starts here: the rate excludes set-up and compilation
+        pending: list[dict[str, jax.Array]] = []  # device metrics since the last log: no per-step host sync
+        total = run_cfg.total_steps
+
+        preemption.start_training()  # from here a Ctrl-C finishes the step and saves it
+        stopped_at = None
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
             for step in range(first_step + 1, total + 1):
                 batch, host = next(batches)
@@ -158,7 +217,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
                             **source.checkpoint_meta(data_state)}
                     checkpointer.save(step, state.as_checkpoint(), meta)
                 if stop:
-                    logging.warning("Preempted: checkpoint of step %d written; exiting.", step)
+                    stopped_at = step  # reported once the checkpoint is committed (finally below)
                     break
 
                 for name, evaluator in evaluators.items():
@@ -174,11 +233,48 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     finally:
         # Also when a step, the data or an evaluator fails: the checkpoint being written in the
         # background is finished and committed, not left as a temporary directory.
-        preemption.close()
-        batches.close()
-        checkpointer.close()
-        logger.close()
+        for opened in (batches, checkpointer, logger):
+            if opened is not None:
+                opened.close()
+    if stopped_at is not None:
+        if preemption.interrupted:
+            logging.warning("interrupted: saved step %d; run the same command to resume", stopped_at)
+            raise runtime.Interrupted(stopped_at)
+        logging.warning("Preempted: checkpoint of step %d written; exiting.", stopped_at)
     return state
+
+
+def _check_init_exists(init: str, tf: Any) -> None:
+    """config.init must exist before anything is written (checkpoints.load reads it much later)."""
+    if not (tf.io.gfile.exists(init) or tf.io.gfile.exists(f"{init}.index")):
+        raise FileNotFoundError(
+            f"config.init {init!r} does not exist: give a checkpoints.load path (a training "
+            f"workdir or one of its steps, a coyo-vit TensorFlow checkpoint, a .npz file, or a "
+            f"transformers / timm folder)")
+
+
+def _run_data(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """What this run writes or prepares itself: its demo data directories, and whether its
+    training data is a TFDS dataset (source.prepare() may download and prepare it)."""
+    dirs = []
+    if config.get("demo_data") is not None:
+        dirs.append(str(config.input.data.files))
+    if config.get("demo_digits") is not None:
+        dirs.append(str(config.demo_digits.out_dir))
+    return {"dirs": [d for d in dirs if d], "tfds": config.input.data.get("name") == "tfds"}
+
+
+def _reads_run_data(evaluator: Any, run_data: Mapping[str, Any]) -> bool:
+    """Whether an evaluator's data is only there once the run wrote or prepared it, so that
+    `check_data()` must wait for it: the holdout (the run's own input) of a demo run, a TFDS
+    evaluator of a TFDS run, data inside the demo data directories."""
+    data = getattr(evaluator, "data", None)
+    if data is None:  # the holdout evaluator: it reads the training input's holdout
+        return bool(run_data["dirs"]) or run_data["tfds"]
+    if data.get("name") == "tfds":
+        return run_data["tfds"]
+    values = [str(v) for v in data.values() if isinstance(v, str)]
+    return any(v.startswith(d) for v in values for d in run_data["dirs"])
 
 
 def _write_demo_data(config: ml_collections.ConfigDict) -> None:

@@ -1,10 +1,11 @@
 """Process life: start-up (logging, JAX's multi-controller runtime, compilation cache) and a
-clean stop on SIGTERM."""
+clean stop on SIGTERM and Ctrl-C."""
 from __future__ import annotations
 
 import logging
 import os
 import signal
+import sys
 import threading
 
 import jax
@@ -71,27 +72,93 @@ def _quiet_orbax_info(record: logging.LogRecord) -> bool:
     return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
 
 
-# --- Preemption ---------------------------------------------------------------------------
-# Stop cleanly on SIGTERM (what TPU and GPU schedulers send before evicting a job).
+# --- Preemption and Ctrl-C ---------------------------------------------------------------
+# Stop cleanly on SIGTERM (what TPU and GPU schedulers send before evicting a job) and on the
+# first Ctrl-C (SIGINT); a second Ctrl-C aborts at once.
 #
 # The loop asks `should_stop(step)` after every step. Single process: a signal handler sets a
 # flag. Multi-process: JAX's coordination service already listens for SIGTERM and agrees across
 # hosts on one safe step (`reached_preemption_sync_point`), so every process checkpoints the same
-# step together and exits.
+# step together and exits. It listens to SIGTERM only, so a process's first SIGINT sends that
+# process a SIGTERM: a Ctrl-C forwarded to every process (coyo_vit.tools.launch_local, or a
+# scheduler) stops them all at one agreed step, like a preemption.
+#
+# Before training starts (data written or prepared, steps compiled) there is no step to save:
+# the first SIGINT raises `InterruptedBeforeTraining` there, which the loop turns into a
+# one-line message and exit status 130.
+
+INTERRUPTED_EXIT_STATUS = 130  # 128 + SIGINT, what shells report for a program stopped by Ctrl-C
+
+
+class InterruptedBeforeTraining(KeyboardInterrupt):
+    """Ctrl-C before the first training step: raised where the main thread was."""
+
+
+class Interrupted(SystemExit):
+    """Leaves the program with status 130 after a Ctrl-C; `step` is the step saved (None: the
+    run was stopped before training started and saved nothing)."""
+
+    def __init__(self, step: int | None):
+        super().__init__(INTERRUPTED_EXIT_STATUS)
+        self.step = step
+
 
 class PreemptionWatcher:
-    """True from `should_stop` once a preemption notice arrived (agreed by all processes)."""
+    """True from `should_stop` once a preemption notice or a Ctrl-C arrived (agreed by all
+    processes); `interrupted` tells a Ctrl-C (exit 130) from a preemption (exit 0).
+
+    Create it before any work (Ctrl-C then stops the set-up at once) and call `start_training()`
+    before the first step (from then on Ctrl-C finishes the step and checkpoints it, and SIGTERM
+    is watched too); `close()` puts the previous handlers back.
+    """
 
     def __init__(self) -> None:
         self._requested = threading.Event()
         self._multi = jax.process_count() > 1
-        self._previous = None
-        if not self._multi and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+        self._training = False
+        self.interrupted = False
+        self._previous: dict[int, object] = {}
+        self._main_thread = threading.current_thread() is threading.main_thread()
+        # An ignored SIGINT stays ignored: a parent that handles Ctrl-C itself (coyo_vit.tools.sweep)
+        # passes it on as SIGTERM.
+        if self._main_thread and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+            self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._on_sigint)
+        self._unraisablehook = sys.unraisablehook
+        sys.unraisablehook = self._quiet_swallowed_interrupt
 
-    def _on_signal(self, signum, frame) -> None:
+    def _quiet_swallowed_interrupt(self, unraisable) -> None:
+        """Where the set-up's interrupt lands in a callback that cannot raise (a garbage
+        collection callback), Python would print it as ignored; `check()` raises it later."""
+        if not isinstance(unraisable.exc_value, InterruptedBeforeTraining):
+            self._unraisablehook(unraisable)
+
+    def check(self) -> None:
+        """Raises InterruptedBeforeTraining if a Ctrl-C came during set-up: the handler's own
+        raise can be swallowed where it lands (e.g. in a garbage-collection callback)."""
+        if self.interrupted and not self._training:
+            raise InterruptedBeforeTraining()
+
+    def start_training(self) -> None:
+        self.check()
+        self._training = True
+        if not self._multi and self._main_thread:
+            self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum, frame) -> None:
         logging.warning("Received signal %d: finishing this step, checkpointing, then exiting.", signum)
         self._requested.set()
+
+    def _on_sigint(self, signum, frame) -> None:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C aborts at once
+        self.interrupted = True
+        if not self._training:
+            raise InterruptedBeforeTraining()  # if swallowed where it lands, check() raises it
+        logging.warning("Interrupted (Ctrl-C): finishing this step, checkpointing, then exiting "
+                        "(Ctrl-C again aborts without saving).")
+        if self._multi:
+            os.kill(os.getpid(), signal.SIGTERM)  # JAX's preemption sync point listens to SIGTERM
+        else:
+            self._requested.set()
 
     def should_stop(self, step: int) -> bool:
         if self._multi:
@@ -99,5 +166,7 @@ class PreemptionWatcher:
         return self._requested.is_set()
 
     def close(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous.clear()
+        sys.unraisablehook = self._unraisablehook

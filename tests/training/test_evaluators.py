@@ -273,6 +273,13 @@ def test_registry_errors_name_the_bad_value(imagenet_val):
     with pytest.raises(ValueError, match="expected a list of 50000 lists"):
         _evaluators({"real": dict(good, type="real", labels_path=_bad_json(Path(imagenet_val["data_dir"])))},
                     model, shardings)
+    # Their data and classes: checked by check_data(), which the loop calls before training.
+    with pytest.raises(ValueError, match=r"config.evals.val.pp makes labels over 1000 classes but the "
+                                         r"model has 10: 'decode"):
+        _evaluators({"val": good}, model, shardings)["val"].check_data()
+    with pytest.raises(Exception, match="/nonexistent/coyo-"):
+        _evaluators({"ml": dict(good, type="multilabel", data=dict(files="/nonexistent/coyo-*.tfrecord"))},
+                    model, shardings)["ml"].check_data()
     assert _evaluators(None, model, shardings) == {}
     assert [is_due(100, s, 250) for s in (99, 100, 200, 250)] == [False, True, True, True]
     assert not is_due(0, 250, 250)
@@ -327,9 +334,9 @@ def test_holdout_evaluator_rejects_a_missing_holdout_or_other_classes_before_tra
                                    shuffle_buffer=8, holdout_files=holdout_files)
 
     with pytest.raises(ValueError, match="no holdout"):
-        _holdout(model, shardings, section(0))
+        _holdout(model, shardings, section(0)).check_data()  # the loop calls it before training
     with pytest.raises(ValueError, match="labels over 21841 classes but the model has 1000"):
-        _holdout(model, shardings, section(1))
+        _holdout(model, shardings, section(1)).check_data()
 
 
 def test_a_configured_holdout_evaluator_may_not_shadow_the_one_eval_every_steps_adds(shared_fixtures, tmp_path):

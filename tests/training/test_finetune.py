@@ -133,3 +133,16 @@ def test_auto_variant_resolves_against_the_checkpoint_and_loads_it():
     with pytest.raises(ConfigError, match="config.model.variant='auto' takes the model's shape "
                                           "from config.init, which is unset"):
         resolve_model(model, None, 3)
+
+
+def test_a_missing_init_fails_before_anything_is_written(tmp_path):
+    # It once failed only after the digits were written and config.json created in the workdir.
+    workdir = tmp_path / "ft"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "finetune.py"), "--config", f"{REPO / 'configs/demo_finetune.py'}:8",
+         "--workdir", str(workdir), f"--config.init={tmp_path / 'no_such_run'}",
+         "--config.schedule.warmup_steps=2"],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert f"config.init '{tmp_path / 'no_such_run'}' does not exist" in result.stderr
+    assert not workdir.exists()

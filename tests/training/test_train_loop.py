@@ -163,32 +163,6 @@ def test_batch_not_divisible_by_devices_names_both_numbers(tmp_path, demo_dir):
     assert "Batch size 15 is not divisible by the 2 data-parallel devices" in result.stderr
 
 
-def test_sigterm_checkpoints_current_step_and_resume_finishes(tmp_path, demo_dir, reference_run):
-    workdir = tmp_path / "preempted"
-    proc = subprocess.Popen(_train_cmd(workdir, demo_dir), cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while not _finished_steps(workdir):
-        assert proc.poll() is None and time.time() < deadline
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 0, stderr[-3000:]
-    assert "Preempted: checkpoint of step" in stderr
-    stopped_at = int(stderr.split("Preempted: checkpoint of step ")[1].split()[0])
-    assert _finished_steps(workdir)[-1] == stopped_at < STEPS
-
-    result = _run(_train_cmd(workdir, demo_dir))
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert f"Resumed from step {stopped_at}" in result.stderr
-    # The preempted run logged the steps since its last log line before it exited.
-    logged = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
-    assert stopped_at in [r["step"] for r in logged if "train/loss" in r]
-    for a, b in zip(jax_leaves(restore_params(str(workdir))[0]),
-                    jax_leaves(restore_params(str(reference_run))[0])):
-        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
-
-
 def test_nonfinite_update_stops_naming_the_step_and_is_never_checkpointed(tmp_path, demo_dir):
     # The loss of a step is that of the parameters before its update: an update that overflows
     # has a finite loss. Checkpointing every step, such a step was once saved with NaN
@@ -208,22 +182,138 @@ def test_nonfinite_update_stops_naming_the_step_and_is_never_checkpointed(tmp_pa
 
 
 def test_a_failing_evaluation_does_not_cost_the_checkpoint_of_its_step(tmp_path, demo_dir):
-    # An evaluator whose data is gone fails when it first runs, at a step that also saves.
+    # An evaluator whose data is found (checked before training) but whose pp keeps no example
+    # (a crop larger than the resized image) fails when it first runs, at a step that also saves.
+    # Data that is missing altogether fails before training starts.
     config = tmp_path / "broken_eval_config.py"
     config.write_text(
         "from configs import demo\n\n\n"
         "def get_config(arg=None):\n"
         "    config = demo.get_config(arg)\n"
-        "    config.evals = {'gone': dict(type='classification', every_steps=4, batch_size=16,\n"
-        "                                 data=dict(files='/nonexistent/coyo-*.tfrecord'),\n"
-        "                                 pp=\"decode|resize(32)|coyo_labels('threshold', 0.1)\")}\n"
-        "    return config\n")
+        "    config.evals = {'gone': dict(type='multilabel', every_steps=4, batch_size=16,\n"
+        "                                 data=dict(files=%r),\n"
+        "                                 pp=\"decode|resize_small(12)|central_crop(32)|coyo_labels('threshold', 0.1)\")}\n"
+        "    return config\n" % f"{demo_dir}/*.tfrecord")
     workdir = tmp_path / "broken_eval"
     cmd = _train_cmd(workdir, demo_dir)
     cmd[cmd.index("--config") + 1] = str(config)
     result = _run(cmd)
     assert result.returncode != 0
-    assert "/nonexistent/coyo-*.tfrecord" in result.stderr, result.stderr[-2000:]
+    assert "evaluator 'gone': the eval split has no examples" in result.stderr, result.stderr[-2000:]
     assert _finished_steps(workdir) == [4]
     assert not [p.name for p in (workdir / "checkpoints").iterdir() if "tmp" in p.name]
     assert json.load(open(workdir / "checkpoints" / "4" / "meta" / "metadata"))["step"] == 4
+
+
+def _snapshot(directory: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(directory)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in directory.rglob("*") if p.is_file()}
+
+
+def _start(cmd) -> tuple[subprocess.Popen, list[str]]:
+    """Starts `cmd`, collecting its stderr lines in a list as they come."""
+    import threading
+    # SIGINT as a terminal's process has it: a shell's background job (e.g. pytest under `&`)
+    # starts with it ignored, which train.py respects; a handler here is reset by exec.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stderr.readline, "")), daemon=True)
+    reader.start()
+    proc.reader = reader
+    return proc, lines
+
+
+def _finish(proc, lines, timeout=120) -> str:
+    proc.wait(timeout=timeout)
+    proc.reader.join(timeout=10)
+    return "".join(lines)
+
+
+def _wait_for_checkpoint_after(proc, lines, workdir: Path, step: int) -> None:
+    deadline = time.time() + 300
+    while not [s for s in _finished_steps(workdir) if s > step]:
+        assert proc.poll() is None and time.time() < deadline, "".join(lines)[-3000:]
+        time.sleep(0.05)
+
+
+def test_sigterm_and_ctrl_c_checkpoint_the_current_step_and_the_same_command_resumes(
+        tmp_path, demo_dir, reference_run):
+    workdir = tmp_path / "stopped"
+    # Checkpoints at every step (the cadence does not change the result): each signal below is
+    # sent as soon as the run is past its last stop, and comes well before the last step.
+    every_step = "--config.checkpoint_every_steps=1"
+    # SIGTERM (a scheduler's preemption notice): the current step is checkpointed, exit 0.
+    proc, lines = _start(_train_cmd(workdir, demo_dir, every_step))
+    _wait_for_checkpoint_after(proc, lines, workdir, 0)
+    proc.send_signal(signal.SIGTERM)
+    stderr = _finish(proc, lines)
+    assert proc.returncode == 0, stderr[-3000:]
+    preempted = int(stderr.split("Preempted: checkpoint of step ")[1].split()[0])
+    assert _finished_steps(workdir)[-1] == preempted < STEPS
+    first_config = (workdir / "config.json").read_text()
+
+    # The same command, here with a safe change (the log cadence), resumes; its config is kept
+    # beside the first. Ctrl-C: the current step is checkpointed, exit 130, one line says so.
+    again = _train_cmd(workdir, demo_dir, every_step, "--config.log_every_steps=2")
+    proc, lines = _start(again)
+    _wait_for_checkpoint_after(proc, lines, workdir, preempted)
+    proc.send_signal(signal.SIGINT)
+    stderr = _finish(proc, lines)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert f"Resumed from step {preempted}" in stderr
+    interrupted = int(stderr.split("interrupted: saved step ")[1].split(";")[0])
+    assert "; run the same command to resume" in stderr
+    assert _finished_steps(workdir)[-1] == interrupted < STEPS
+    assert (workdir / "config.json").read_text() == first_config
+    assert json.loads((workdir / f"config.{preempted}.json").read_text())["log_every_steps"] == 2
+
+    result = _run(again)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"Resumed from step {interrupted}" in result.stderr
+    # The stopped runs logged the steps since their last log line before they exited.
+    logged = [r["step"] for r in map(json.loads, open(workdir / "metrics.jsonl")) if "train/loss" in r]
+    assert preempted in logged and interrupted in logged
+    for a, b in zip(jax_leaves(restore_params(str(workdir))[0]),
+                    jax_leaves(restore_params(str(reference_run))[0])):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+
+
+def test_ctrl_c_before_training_starts_stops_at_once_with_one_line(tmp_path, demo_dir):
+    workdir = tmp_path / "ctrl_c"
+    proc, lines = _start(_train_cmd(workdir, demo_dir))
+    deadline = time.time() + 120
+    while not any("Process 0/1" in line for line in lines):  # set-up has begun
+        assert proc.poll() is None and time.time() < deadline, "".join(lines)[-3000:]
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    stderr = _finish(proc, lines, timeout=60)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "interrupted before training started: no step to save" in stderr
+    assert "Traceback" not in stderr
+    assert _finished_steps(workdir) == []
+    assert not [p for p in workdir.rglob("*") if p.name.endswith(".tmp")] if workdir.exists() else True
+
+
+def test_rerunning_a_finished_run_says_so_at_once(reference_run, demo_dir):
+    before = _snapshot(reference_run)
+    result = _run(_train_cmd(reference_run, demo_dir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"already finished at step {STEPS}" in result.stderr
+    assert "Model:" not in result.stderr and "Steps compiled" not in result.stderr
+    assert _snapshot(reference_run) == before
+
+
+def test_resuming_with_another_model_names_the_keys_and_touches_nothing(reference_run, demo_dir):
+    before = _snapshot(reference_run)
+    result = _run(_train_cmd(reference_run, demo_dir, "--config.model.width=64",
+                             "--config.loss=softmax_xent", "--config.total_steps=20"))
+    assert result.returncode != 0
+    assert (f"config.json of {reference_run} differs: loss 'sigmoid_xent' (checkpoint) vs "
+            f"'softmax_xent' (this run); model.width 96 (checkpoint) vs 64 (this run). ") in result.stderr
+    assert "total_steps" not in result.stderr.split("differs:")[1].split(". ")[0]  # a safe key
+    assert _snapshot(reference_run) == before

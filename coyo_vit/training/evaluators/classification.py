@@ -65,22 +65,28 @@ def local_eval_batches(data: Mapping[str, Any], pp: str, local_batch: int, *,
     input_pipeline.pipeline (image, labels, _mask), with `split` "holdout" or "all" and
     `extra_input` holding e.g. its `holdout` section.
     """
+    return eval_dataset(data, pp, local_batch, split=split, extra_input=extra_input).as_numpy_iterator()
+
+
+def eval_dataset(data: Mapping[str, Any], pp: str, local_batch: int, *, split: str | None = None,
+                 extra_input: Mapping[str, Any] | None = None) -> Any:
+    """The tf.data.Dataset behind `local_eval_batches`: building it finds the files (a pattern
+    that matches nothing, a missing folder or an unprepared TFDS dataset fails here) and parses
+    the pp, reading no image."""
     # Imported here: TensorFlow only where data is read.
     from input_pipeline import classification_data
 
     process = dict(process_index=jax.process_index(), process_count=jax.process_count())
     if classification_data.is_classification_data(data):
-        ds = classification_data.build_eval_dataset(
+        return classification_data.build_eval_dataset(
             {"data": dict(data), "pp_eval": pp, **(extra_input or {})}, split=split,
             batch_size=local_batch, **process)
-    else:
-        import input_pipeline.pipeline as pipeline  # late, like classification_data above
+    import input_pipeline.pipeline as pipeline  # late, like classification_data above
 
-        files = {k: v for k, v in dict(data).items() if k != "name"}
-        ds = pipeline.build_eval_dataset(
-            {"data": files, "pp_eval": pp, **(extra_input or {})}, split=split or "all",
-            batch_size=local_batch, **process)
-    return ds.as_numpy_iterator()
+    files = {k: v for k, v in dict(data).items() if k != "name"}
+    return pipeline.build_eval_dataset(
+        {"data": files, "pp_eval": pp, **(extra_input or {})}, split=split or "all",
+        batch_size=local_batch, **process)
 
 
 class GatheredPass:
@@ -142,6 +148,7 @@ class EvalSection:
     """
 
     KEYS: tuple[str, ...] = COMMON_KEYS
+    label_classes: int | None = None  # the class count the pp's `labels` must have (None: any)
 
     def __init__(self, name: str, config: Any, mesh: Mesh):
         cfg = as_dict(config)
@@ -151,6 +158,28 @@ class EvalSection:
         self._data, self._pp = require(cfg, "data", name), require(cfg, "pp", name)
         self._local_batch = local_batch_size(cfg.get("batch_size"), mesh, name)
         self._cfg = cfg
+
+    @property
+    def data(self) -> Mapping[str, Any]:
+        """The data section this evaluator reads."""
+        return as_dict(self._data)
+
+    def _splits(self) -> list[tuple[str | None, Mapping[str, Any] | None]]:
+        """(split, extra input section) of every pass `evaluate` makes."""
+        return [(None, None)]
+
+    def check_data(self) -> None:
+        """Finds the data of every split this evaluator reads and checks the pp's label classes
+        against the model, reading no image: the loop calls it before training starts."""
+        for split, extra in self._splits():
+            spec = eval_dataset(self._data, self._pp, self._local_batch, split=split,
+                                extra_input=extra).element_spec
+            classes = spec["labels"].shape[-1] if "labels" in spec else None
+            if self.label_classes and classes is not None and classes != self.label_classes:
+                raise ValueError(f"config.evals.{self.name}.pp makes labels over {classes} classes "
+                                 f"but the model has {self.label_classes}: {self._pp!r}; fix its "
+                                 f"onehot(...) or use type='imagenet_from_21k' for a 21k model on "
+                                 f"ImageNet-1k")
 
 
 class ClassificationEvaluator(EvalSection):
@@ -163,6 +192,7 @@ class ClassificationEvaluator(EvalSection):
         super().__init__(name, config, mesh)
         cfg = self._cfg
         self._top_k = check_top_k(cfg.get("top_k", (1, 5)), name)
+        self.label_classes = model.num_classes
 
         def fn(params, batch):
             logits = model.apply({"params": params}, batch["image"], train=False)

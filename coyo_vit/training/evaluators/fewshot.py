@@ -22,6 +22,7 @@ label, _mask (from classification data: tfds or imagefolder).
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -70,6 +71,9 @@ class FewshotEvaluator(EvalSection):
 
         self._pass = GatheredPass(fn, params_shardings, mesh, ("image",),
                                   passthrough=("label", "_mask"))
+
+    def _splits(self) -> list[tuple[str | None, Mapping[str, Any] | None]]:
+        return [(None, None), (self._test_split, None)]
 
     def _features(self, params: Any, split: str | None, per_class: int | None
                   ) -> tuple[np.ndarray, np.ndarray]:

@@ -57,22 +57,29 @@ class HoldoutEvaluator:
         self.name = name
         self.every_steps = check_every_steps(cfg.get("every_steps", 0), name)
         self._pp_eval = train_input.pp_eval
-        local_batch = local_batch_size(cfg.get("batch_size"), mesh, name)
+        self._local_batch = local_batch_size(cfg.get("batch_size"), mesh, name)
+        self._train_input = train_input
+        self._num_classes = model.num_classes
         self._batch_sharding = sharding.batch_sharding(mesh)
         self._step = make_eval_step(model, loss_fn, params_shardings, self._batch_sharding)
-        # Built (not read) here, so a missing holdout or a pp_eval that does not fit the model
-        # fails before training starts rather than at the first evaluation.
+        self._data = None  # built by check_data (the loop calls it before training) or evaluate
+
+    def check_data(self) -> None:
+        """Builds (does not read) the holdout, so a missing holdout or a pp_eval that does not
+        fit the model fails before training starts rather than at the first evaluation."""
         import input_pipeline.pipeline as pipeline  # late: TensorFlow only where data is read
 
         self._data = pipeline.build_eval_dataset(
-            train_input, split="holdout", batch_size=local_batch,
+            self._train_input, split="holdout", batch_size=self._local_batch,
             process_index=jax.process_index(), process_count=jax.process_count())
         classes = self._data.element_spec["labels"].shape[-1]
-        if model.num_classes and classes != model.num_classes:
+        if self._num_classes and classes != self._num_classes:
             raise ValueError(f"config.input.pp_eval makes labels over {classes} classes but the "
-                             f"model has {model.num_classes}: {self._pp_eval!r}")
+                             f"model has {self._num_classes}: {self._pp_eval!r}")
 
     def evaluate(self, params: Any, prefix: str | None = None) -> dict[str, float]:
+        if self._data is None:
+            self.check_data()
         totals: dict[str, jax.Array] | None = None
         for local in self._data.as_numpy_iterator():
             batch = sharding.to_global({k: local[k] for k in ("image", "labels", "_mask")},

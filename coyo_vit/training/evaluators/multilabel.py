@@ -32,6 +32,7 @@ Results: `{name}/prec@1`, `/mAP`, `/map_classes`, `/micro_f1`, `/macro_f1`, `/lo
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -72,6 +73,7 @@ class MultilabelEvaluator(EvalSection):
                              f"got {threshold!r}")
         self._logit_threshold = math.log(threshold / (1 - threshold))  # sigmoid(x) >= t <=> x >= this
         self._map = bool(cfg.get("map", True))
+        self.label_classes = model.num_classes
 
         def fn(params, batch):
             logits = model.apply({"params": params}, batch["image"], train=False)
@@ -80,6 +82,9 @@ class MultilabelEvaluator(EvalSection):
 
         self._pass = GatheredPass(fn, params_shardings, mesh, ("image", "labels"),
                                   passthrough=("labels", "_mask"))
+
+    def _splits(self) -> list[tuple[str | None, Mapping[str, Any] | None]]:
+        return [(self._split, {"holdout": as_dict(self._holdout)} if self._holdout else None)]
 
     def _is_classification(self) -> bool:
         return as_dict(self._data).get("name") in ("tfds", "imagefolder")

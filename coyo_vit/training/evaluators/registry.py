@@ -24,6 +24,8 @@ class Evaluator(Protocol):
     name: str
     every_steps: int
 
+    def check_data(self) -> None: ...
+
     def evaluate(self, params: Any, prefix: str | None = None) -> dict[str, float]: ...
 
 
@@ -42,7 +44,9 @@ def build_evaluators(evals_config: Any, *, model: nn.Module, mesh: Mesh, params_
     """One evaluator per entry of `config.evals` (None or empty: none).
 
     Construction validates each section (unknown keys, batch sizes against the mesh, label
-    files) without reading data, so a bad eval config fails before training starts.
+    files) without touching the data; each evaluator's `check_data()` then finds its data and
+    checks its class count (the loop calls it before training, once the run's own data is
+    written or prepared), so a bad eval config fails before training starts.
     """
     sections = as_dict(evals_config) if evals_config is not None else {}
     evaluators: dict[str, Evaluator] = {}

@@ -1,0 +1,112 @@
+"""A workdir's record of its run: `config.json`, written at the first start and checked on resume.
+
+A resume may change only the keys in `SAFE_RESUME_KEYS`. Any other difference from the first
+start's `config.json` (the model, the classes, the image size, the loss, the preprocessing, the
+optimizer and schedule, the batch...) stops the run before anything is written, naming each key
+with the checkpoint's value and this run's. An allowed change is written beside the first
+config as `config.<step>.json` (the step resumed from); `config.json` itself is never rewritten
+once the workdir holds a checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import ml_collections
+
+SAFE_RESUME_KEYS = (
+    "total_steps", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
+    "checkpoint_compression", "eval_every_steps", "eval_batch_size", "evals",
+    "compilation_cache_dir", "device_prefetch", "mesh", "sharding_rules", "param_sharding", "init",
+    "demo_data.out_dir", "demo_digits.out_dir", "input.data.files", "input.data.root",
+    "input.data.data_dir", "input.data.manual_dir", "input.num_parallel_calls", "input.prefetch",
+    "input.ram_budget_gb",
+)
+"""Config keys (a key names its whole section) that a resume may change: how long the run goes,
+how often it logs, evaluates and checkpoints, what it evaluates, where its files are (moved
+data, caches), how the state is laid out on the devices, and `init` (read only at the first
+start). None of them changes what the saved state means or what the next step computes."""
+
+CONFIG_FILE = "config.json"
+
+
+def _gfile():
+    """tf.io.gfile (gs:// workdirs too), imported late: this module loads without TensorFlow."""
+    import tensorflow as tf
+    return tf.io.gfile
+
+
+def is_safe(key: str) -> bool:
+    """Whether a resume may change the dotted config key `key` (see SAFE_RESUME_KEYS)."""
+    return any(key == safe or key.startswith(safe + ".") for safe in SAFE_RESUME_KEYS)
+
+
+def as_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The config as config.json stores it (tuples as lists, references resolved)."""
+    return json.loads(config.to_json_best_effort())
+
+
+def differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """{dotted key: (saved value, current value)} of every leaf that differs; a key missing on
+    one side has the value `_ABSENT` there."""
+    flat_saved, flat_current = _flatten(saved), _flatten(current)
+    return {key: (flat_saved.get(key, _ABSENT), flat_current.get(key, _ABSENT))
+            for key in sorted(flat_saved.keys() | flat_current.keys())
+            if flat_saved.get(key, _ABSENT) != flat_current.get(key, _ABSENT)}
+
+
+def check_resume(workdir: str, config: ml_collections.ConfigDict) -> dict[str, tuple[Any, Any]]:
+    """Compares this run's config with `workdir`'s config.json (the first start's) before a
+    resume; raises ValueError naming every key a resume may not change; returns the (allowed)
+    differences. A workdir without config.json has nothing to compare: {}."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not _gfile().exists(path):
+        return {}
+    with _gfile().GFile(path, "r") as f:
+        saved = json.load(f)
+    changed = differences(saved, as_json(config))
+    refused = {key: values for key, values in changed.items() if not is_safe(key)}
+    if refused:
+        listed = "; ".join(f"{key} {_show(old)} (checkpoint) vs {_show(new)} (this run)"
+                           for key, (old, new) in refused.items())
+        raise ValueError(
+            f"{CONFIG_FILE} of {workdir} differs: {listed}. Resume with the checkpoint's values, "
+            f"or train in a new --workdir; a resume may change only "
+            f"{', '.join(SAFE_RESUME_KEYS)} (coyo_vit/training/workdir.py)")
+    return changed
+
+
+def write_config(workdir: str, config: ml_collections.ConfigDict, resumed_step: int | None) -> str:
+    """Writes config.json at the first start (resumed_step None), config.<step>.json on a
+    resume; written whole and renamed, so an interrupted write leaves no partial file."""
+    name = CONFIG_FILE if resumed_step is None else f"config.{resumed_step}.json"
+    path = os.path.join(workdir, name)
+    gfile = _gfile()
+    with gfile.GFile(path + ".tmp", "w") as f:
+        f.write(config.to_json_best_effort(indent=2))
+    gfile.rename(path + ".tmp", path, overwrite=True)
+    return path
+
+
+class _Absent:
+    def __repr__(self) -> str:
+        return "(absent)"
+
+
+_ABSENT = _Absent()
+
+
+def _show(value: Any) -> str:
+    return repr(value)
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
