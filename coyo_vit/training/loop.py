@@ -67,6 +67,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
 
     from input_pipeline import data_source  # late, with TensorFlow
     run_cfg = run_config.parse(config, workdir)  # every section checked before any work
+    # Before anything compiles: JAX picks its cache directory at the first compilation.
+    runtime.enable_compilation_cache(run_cfg.compilation_cache_dir)
     process_index, process_count = jax.process_index(), jax.process_count()
     is_main = process_index == 0
 
@@ -91,8 +93,6 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
             logging.info("already finished at step %d (config.total_steps=%d) in %s; raise "
                          "--config.total_steps to train further", latest, run_cfg.total_steps, workdir)
             return None
-    elif run_cfg.init:
-        _check_init_exists(run_cfg.init, tf)
 
     # Model, optimizer and where every piece of the state lives.
     model = run_cfg.model
@@ -124,7 +124,6 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
     # 0, then the remaining evaluators' data checked, before anything compiles.
     preemption.check()
     tf.io.gfile.makedirs(workdir)  # gs:// too, like the checkpoints
-    runtime.enable_compilation_cache(run_cfg.compilation_cache_dir)
     if is_main and writes_data:
         _write_demo_data(config)
         source.prepare()
@@ -242,15 +241,6 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
             raise runtime.Interrupted(stopped_at)
         logging.warning("Preempted: checkpoint of step %d written; exiting.", stopped_at)
     return state
-
-
-def _check_init_exists(init: str, tf: Any) -> None:
-    """config.init must exist before anything is written (checkpoints.load reads it much later)."""
-    if not (tf.io.gfile.exists(init) or tf.io.gfile.exists(f"{init}.index")):
-        raise FileNotFoundError(
-            f"config.init {init!r} does not exist: give a checkpoints.load path (a training "
-            f"workdir or one of its steps, a coyo-vit TensorFlow checkpoint, a .npz file, or a "
-            f"transformers / timm folder)")
 
 
 def _run_data(config: ml_collections.ConfigDict) -> dict[str, Any]:

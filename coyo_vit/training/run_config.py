@@ -230,8 +230,11 @@ def _describe_init(init: str, model: Mapping[str, Any], auto: bool) -> dict[str,
         described = checkpoints.describe(
             init, num_heads=variant_heads if err.width % variant_heads == 0 else 1)
         return {**described, "num_heads": variant_heads}
-    except FileNotFoundError as err:
-        raise ConfigError(f"config.init: {err}") from None
+    except FileNotFoundError:
+        raise ConfigError(
+            f"config.init {init!r} does not exist: give a checkpoints.load path (a training "
+            f"workdir or one of its steps, a coyo-vit TensorFlow checkpoint, a .npz file, or a "
+            f"transformers / timm folder)") from None
     except ValueError as err:  # no reader accepted it: the reasons, on one line
         raise ConfigError(f"config.init {init!r}: {' '.join(str(err).split())}") from None
 

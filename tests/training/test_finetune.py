@@ -92,8 +92,9 @@ def test_finetune_config_takes_the_model_shape_from_the_checkpoint(tmp_path):
     assert ("config.model.variant='auto': the shape of " f"{NPZ}: {{'patch_size': 8, 'width': 64, "
             "'depth': 2, 'mlp_dim': 128, 'num_heads': 4, 'pool_type': 'tok', 'posemb': 'learn', "
             "'rep_size': None}") in result.stderr, result.stderr[-3000:]
-    assert f"Initialised from {NPZ}" in result.stderr, result.stderr[-3000:]  # loaded whole
-    assert "image folder root" in result.stderr.splitlines()[-1]
+    # The checks that come before any work then find the image folder missing (loading the
+    # checkpoint into the resolved model: test_auto_variant_resolves_against_the_checkpoint_...).
+    assert "no_images' is not a directory" in result.stderr.splitlines()[-1], result.stderr[-3000:]
 
 
 def test_tf_checkpoint_of_a_nonstandard_width_names_the_head_count_key(tmp_path):
@@ -144,5 +145,6 @@ def test_a_missing_init_fails_before_anything_is_written(tmp_path):
          "--config.schedule.warmup_steps=2"],
         cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
-    assert f"config.init '{tmp_path / 'no_such_run'}' does not exist" in result.stderr
+    last = result.stderr.splitlines()[-1]
+    assert "does not exist" in last and str(tmp_path / "no_such_run") in last, result.stderr[-2000:]
     assert not workdir.exists()
