@@ -1,4 +1,4 @@
-"""Evaluate a checkpoint with the evaluators of a config; print a table and write JSON.
+r"""Evaluate a checkpoint with the evaluators of a config; print a table and write JSON.
 
     python evaluate.py --config configs/imagenet_finetune.py:res=384 --checkpoint /ckpt/run \
         --config.input.data.data_dir=/data/tfds [--evals val,real] [--output results.json]
