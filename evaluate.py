@@ -145,17 +145,16 @@ def main(argv: list[str]) -> None:
         logging.info("config %s, checkpoint %s", config_file, checkpoint)
     else:
         config = _CONFIG.value
-    _write_demo_data(config, workdir)  # before reading evals: they may share its root field
-    evals = run_sections(config)
-    if not evals:
+    names = list(run_sections(config))
+    if not names:
         raise ConfigError("the config has no `evals` section and no holdout (eval_every_steps): "
                           "nothing to evaluate")
-    if _EVALS.value:
-        unknown = sorted(set(_EVALS.value) - set(evals))
-        if unknown:
-            raise ConfigError(f"--evals names {unknown}, not evaluators of the config: "
-                              f"{sorted(evals)}")
-        evals = {name: evals[name] for name in _EVALS.value}
+    unknown = sorted(set(_EVALS.value or ()) - set(names))
+    if unknown:
+        raise ConfigError(f"--evals names {unknown}, not evaluators of the config: {sorted(names)}")
+    _write_demo_data(config, workdir)  # before reading evals: they may share its root field
+    evals = run_sections(config)
+    evals = {name: evals[name] for name in _EVALS.value or names}
     train_input = None
     if any(section.get("type") == "holdout" for section in evals.values()):
         from input_pipeline import data_source  # late: TensorFlow only for the holdout's shards
