@@ -19,8 +19,8 @@ The model comes from the checkpoint itself, but for the speed options of `config
 (`SPEED_OPTIONS`: attention_impl, attention_pad_multiple, gelu_recompute), which the config sets;
 its position embedding is resized to `config.image_size` when that differs. Every entry of
 `config.evals` runs (or those named by --evals), whatever its every_steps, and the `holdout`
-that `config.eval_every_steps` adds. The demos' data is written if missing (into the workdir,
-else a temp dir). Results: one row per metric on stdout, and {"checkpoint", "workdir", "step",
+that `config.eval_every_steps` adds. The demos' data is written if missing (where the run
+wrote it, or a temp dir for a config's unset paths). Results: one row per metric on stdout, and {"checkpoint", "workdir", "step",
 "config_file", "config", "results": {metric: value}, "seconds": {evaluator: s}} in the output.
 """
 from __future__ import annotations
@@ -83,24 +83,25 @@ def load_sharded(path: str, image_size: int, mesh: jax.sharding.Mesh, rules, var
     return model, jax.device_put(params, shardings), shardings
 
 
-def _write_demo_data(config, workdir: str | None) -> None:
-    """The embedded demos' data (deterministic, reused when complete) where the config points,
-    else where the run wrote it (`workdir`), else in a temp dir; the input follows it."""
+def _write_demo_data(config) -> None:
+    """The embedded demos' data (deterministic, reused when complete) where the config points
+    (a saved config: where the run wrote it), else in a temp dir; the input follows it. Never
+    into a workdir for another config: that would rewrite the run's own demo data."""
     from input_pipeline.demo import digits as demo_digits  # late: TensorFlow only for the demos
     from input_pipeline.demo import shards as demo_shards  # late, likewise
 
-    base, temp = workdir or tempfile.gettempdir(), workdir is None
+    temp = tempfile.gettempdir()
     writes = []
     with config.unlocked():
         if config.get("demo_data") is not None:
             config.input.data.files = (config.input.data.get("files") or config.demo_data.out_dir
-                                       or os.path.join(base, "coyo_vit_demo_data" if temp else "demo_data"))
+                                       or os.path.join(temp, "coyo_vit_demo_data"))
             writes.append(lambda: demo_shards.ensure_demo_shards(
                 config.input.data.files, num_images=config.demo_data.num_images,
                 image_size=config.demo_data.image_size))
         if config.get("demo_digits") is not None:  # evaluators' sections share its root field
             config.input.data.root = (config.input.data.get("root") or config.demo_digits.out_dir
-                                      or os.path.join(base, "coyo_vit_digits" if temp else "digits"))
+                                      or os.path.join(temp, "coyo_vit_digits"))
             writes.append(lambda: demo_digits.ensure_digits_folder(
                 config.input.data.root, image_size=config.demo_digits.image_size))
     if jax.process_index() == 0:
@@ -138,13 +139,12 @@ def main(argv: list[str]) -> None:
     step = config_file = None
     if workdir:
         step, checkpoint, config_file = _run_of(workdir, _STEP.value, _CONFIG.value is None)
+        if _CONFIG.value is not None:  # the run's checkpoint with another config's evaluators
+            config_file = None
     if jax.process_index() == 0:
         _check_writable(output)  # before anything is evaluated
-    if config_file is not None:
-        config = workdir_record.read_config(config_file)
-        logging.info("config %s, checkpoint %s", config_file, checkpoint)
-    else:
-        config = _CONFIG.value
+    config = workdir_record.read_config(config_file) if config_file else _CONFIG.value
+    logging.info("config %s, checkpoint %s", config_file or "--config", checkpoint)
     names = list(run_sections(config))
     if not names:
         raise ConfigError("the config has no `evals` section and no holdout (eval_every_steps): "
@@ -152,7 +152,7 @@ def main(argv: list[str]) -> None:
     unknown = sorted(set(_EVALS.value or ()) - set(names))
     if unknown:
         raise ConfigError(f"--evals names {unknown}, not evaluators of the config: {sorted(names)}")
-    _write_demo_data(config, workdir)  # before reading evals: they may share its root field
+    _write_demo_data(config)  # before reading evals: they may share its root field
     evals = run_sections(config)
     evals = {name: evals[name] for name in _EVALS.value or names}
     train_input = None
