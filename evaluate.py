@@ -35,6 +35,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # before anything imports Te
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import app, flags
 from flax import linen as nn
 from jax.experimental import multihost_utils
@@ -141,8 +142,7 @@ def main(argv: list[str]) -> None:
         step, checkpoint, config_file = _run_of(workdir, _STEP.value, _CONFIG.value is None)
         if _CONFIG.value is not None:  # the run's checkpoint with another config's evaluators
             config_file = None
-    if jax.process_index() == 0:
-        _check_writable(output)  # before anything is evaluated
+    _check_writable(output)  # before anything is evaluated
     config = workdir_record.read_config(config_file) if config_file else _CONFIG.value
     logging.info("config %s, checkpoint %s", config_file or "--config", checkpoint)
     names = list(run_sections(config))
@@ -233,10 +233,21 @@ def _output_path(workdir: str | None, checkpoint: str | None) -> str:
 
 
 def _check_writable(path: str) -> None:
-    """A ConfigError naming `path` unless a file can be written there (local paths; a gs://
-    one shows at the end)."""
+    """A ConfigError naming `path` unless process 0 (the writer) can write a file there (local
+    paths; a gs:// one shows at the end); every process raises it, none is left waiting."""
+    problem = _write_problem(path) if jax.process_index() == 0 else None
+    if jax.process_count() > 1:
+        failed = multihost_utils.broadcast_one_to_all(np.int32(problem is not None))
+        problem = problem or ("process 0 cannot write it" if int(failed) else None)
+    if problem:
+        raise ConfigError(f"cannot write the results to {path}: {problem}; nothing was evaluated "
+                          "(give --output FILE in a writable directory)")
+
+
+def _write_problem(path: str) -> str | None:
+    """Why a file cannot be written at the local `path` (None: it can, or it is remote)."""
     if "://" in path:
-        return
+        return None
     directory = os.path.dirname(os.path.abspath(path))
     problem = None
     if os.path.isdir(path):
@@ -250,9 +261,7 @@ def _check_writable(path: str) -> None:
             os.remove(probe)
         except OSError as err:
             problem = f"{directory} is not writable ({err.strerror})"
-    if problem:
-        raise ConfigError(f"cannot write the results to {path}: {problem}; nothing was evaluated "
-                          "(give --output FILE in a writable directory)")
+    return problem
 
 
 def _write_json(path: str, data: dict) -> None:
