@@ -83,11 +83,16 @@ class TrainCheckpointer:
 def latest_step(workdir: str) -> int | None:
     """The latest complete step of `workdir`'s checkpoints (None: none), read without creating,
     cleaning or locking anything, so a run can decide what to do before it writes a file."""
+    steps = checkpoint_steps(workdir)
+    return steps[-1] if steps else None
+
+
+def checkpoint_steps(workdir: str) -> list[int]:
+    """The complete steps of `workdir`'s checkpoints, ascending (read only, like latest_step)."""
     directory = epath.Path(workdir) / CHECKPOINT_SUBDIR
     if not directory.exists():
-        return None
-    steps = ocp.utils.checkpoint_steps(directory)
-    return max(steps) if steps else None
+        return []
+    return sorted(ocp.utils.checkpoint_steps(directory))
 
 
 def _restore_args_for(leaf: Any) -> ocp.RestoreArgs:

@@ -103,3 +103,20 @@ def test_the_demo_refuses_data_files_it_would_replace(tmp_path):
         "--config.demo_data.out_dir=DIR, or train on your own data with a config without a demo "
         "section (e.g. configs/coyo_pretrain.py)")
     assert "Traceback" not in result.stderr and not (tmp_path / "w" / "demo_data").exists()
+
+
+def test_help_texts_keep_their_line_continuations():
+    # A plain docstring turns the `\` ending a usage line into a joined line: `--help` of
+    # evaluate.py and launch_local printed "... /ckpt/run         --config.input...".
+    import ast
+
+    modules = sorted(REPO.glob("*.py")) + sorted((REPO / "coyo_vit" / "tools").glob("*.py"))
+    joined = []
+    for path in modules:
+        source = path.read_text()
+        tree = ast.parse(source)
+        doc = tree.body[0] if tree.body and isinstance(tree.body[0], ast.Expr) else None
+        if doc is not None and isinstance(doc.value, ast.Constant) and isinstance(doc.value.value, str):
+            if "\\\n" in ast.get_source_segment(source, doc) and " " * 9 in doc.value.value:
+                joined.append(path.name)
+    assert not joined, f"module docstrings whose `\\` line ends are lost (use r\"\"\"): {joined}"

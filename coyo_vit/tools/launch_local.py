@@ -1,4 +1,4 @@
-"""Run N copies of a command as one multi-process JAX job on this machine.
+r"""Run N copies of a command as one multi-process JAX job on this machine.
 
     python -m coyo_vit.tools.launch_local --num_processes 2 --devices_per_process 2 -- \
         python train.py --config configs/demo.py --workdir /tmp/run
@@ -83,7 +83,8 @@ def launch(command: Sequence[str], num_processes: int, devices_per_process: int)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m coyo_vit.tools.launch_local", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num_processes", type=int, default=2, help="copies of the command to start")
     parser.add_argument("--devices_per_process", type=int, default=1, help="host CPU devices per copy")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="the command, after '--'")

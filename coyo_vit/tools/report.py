@@ -27,7 +27,7 @@ from coyo_vit.tools import published_results
 from coyo_vit.tools.published_results import COYO, JFT
 from coyo_vit.tools.sweep_summary import METRICS_FILE, metric_curves, read_metrics
 
-EVAL_RESULTS_FILE = "eval_results.json"   # evaluate.py's default --output name
+EVAL_RESULTS_FILE = "eval_results.json"   # what evaluate.py --workdir RUN writes into RUN
 DEFAULT_IMAGENET_METRIC = "val/top1"       # configs/imagenet_finetune.py evaluator `val`
 DEFAULT_REAL_METRIC = "real/top1"          # configs/imagenet_finetune.py evaluator `real`
 DEMO_UPSTREAM = "demo data"

@@ -1,4 +1,4 @@
-"""Run every point of a config's sweep in its own workdir, resumably; or print the commands.
+r"""Run every point of a config's sweep in its own workdir, resumably; or print the commands.
 
     python -m coyo_vit.tools.sweep --config configs/demo_sweep.py --workdir_root /tmp/demo_sweep --parallel 2
     python -m coyo_vit.tools.sweep --config configs/demo_sweep.py --workdir_root /tmp/demo_sweep --summarize \

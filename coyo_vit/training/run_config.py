@@ -23,6 +23,7 @@ from ml_collections import config_flags
 from coyo_vit.config_keys import ConfigError, check_keys
 from coyo_vit.models import VARIANTS, Model, decode_variant
 from coyo_vit.training import optimizer, runtime
+from coyo_vit.training.evaluators.registry import run_sections
 from coyo_vit.training.step import get_loss
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -119,14 +120,7 @@ def parse(config: ml_collections.ConfigDict, workdir: str) -> RunConfig:
             config.model.update({k: v for k, v in model_kwargs.items() if k in config.model})
     schedule = optimizer.make_schedule(config.schedule, config.total_steps)
     skip_nonfinite = bool(config.optimizer.get("skip_nonfinite", False))
-    evals = {name: dict(section) for name, section in _as_dict(config.get("evals")).items()}
-    if config.get("eval_every_steps"):
-        if "holdout" in evals:
-            raise ValueError("config.evals.holdout clashes with the holdout evaluator that "
-                             "config.eval_every_steps adds (both would write holdout/...): rename "
-                             "the entry of config.evals, or set eval_every_steps=0")
-        evals["holdout"] = dict(type="holdout", every_steps=int(config.eval_every_steps),
-                                batch_size=config.eval_batch_size)
+    evals = run_sections(config)  # config.evals and the holdout of eval_every_steps
     accum = config.get("grad_accum_steps", 1)
     if not isinstance(accum, int) or accum < 1:
         raise ValueError(f"config.grad_accum_steps must be an int >= 1, got {accum!r}")
@@ -256,12 +250,6 @@ def _refuse_demo_data_override(given: Any, demo_dir: str, key: str, section: str
             f"the data it writes (config.{section}); move that with --config.{section}.out_dir=DIR, "
             "or train on your own data with a config without a demo section (e.g. "
             + ("configs/coyo_pretrain.py)" if section == "demo_data" else "configs/finetune.py)"))
-
-
-def _as_dict(section: Any) -> Mapping[str, Any]:
-    if section is None:
-        return {}
-    return section.to_dict() if hasattr(section, "to_dict") else dict(section)
 
 
 def main(argv: list[str], *, require_init: bool) -> None:

@@ -90,6 +90,29 @@ def write_config(workdir: str, config: ml_collections.ConfigDict, resumed_step: 
     return path
 
 
+def saved_config_file(workdir: str, step: int) -> str | None:
+    """The config `workdir`'s run had in force at checkpoint `step`: the config.<k>.json of the
+    latest resume from a step k <= `step` (a resume from k restores checkpoint k under it), else
+    config.json; None when the workdir holds neither."""
+    local = "://" not in workdir  # os for local workdirs: no TensorFlow import just to list them
+    if not (os.path.isdir(workdir) if local else _gfile().isdir(workdir)):
+        return None
+    names = set(os.listdir(workdir) if local else _gfile().listdir(workdir))
+    resumed = [int(name[len("config."):-len(".json")]) for name in names
+               if name.startswith("config.") and name.endswith(".json")
+               and name[len("config."):-len(".json")].isdigit()]
+    applicable = [k for k in resumed if k <= step]
+    if applicable:
+        return os.path.join(workdir, f"config.{max(applicable)}.json")
+    return os.path.join(workdir, CONFIG_FILE) if CONFIG_FILE in names else None
+
+
+def read_config(path: str) -> ml_collections.ConfigDict:
+    """A saved config.json (or config.<step>.json) as a ConfigDict; its placeholders are None."""
+    with open(path, encoding="utf-8") if "://" not in path else _gfile().GFile(path, "r") as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
 class _Absent:
     def __repr__(self) -> str:
         return "(absent)"

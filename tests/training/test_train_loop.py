@@ -317,3 +317,67 @@ def test_resuming_with_another_model_names_the_keys_and_touches_nothing(referenc
             f"'softmax_xent' (this run); model.width 96 (checkpoint) vs 64 (this run). ") in result.stderr
     assert "total_steps" not in result.stderr.split("differs:")[1].split(". ")[0]  # a safe key
     assert _snapshot(reference_run) == before
+
+
+# evaluate.py --workdir: a run evaluated as it evaluated itself (its saved config, its holdout).
+
+def _evaluate(*args, cwd=REPO, timeout=300):
+    return subprocess.run([sys.executable, str(REPO / "evaluate.py"), *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def resumed_copy(tmp_path_factory, reference_run) -> Path:
+    """The reference run as if resumed from step 12 with a safe key changed (config.12.json)."""
+    import shutil
+
+    workdir = tmp_path_factory.mktemp("evaluated") / "run"
+    shutil.copytree(reference_run, workdir)
+    config = json.load(open(workdir / "config.json"))
+    (workdir / "config.12.json").write_text(json.dumps({**config, "eval_batch_size": 32}))
+    return workdir
+
+
+def test_evaluate_workdir_step_with_its_own_config_into_the_workdir(tmp_path, resumed_copy):
+    # Once the config had to be repeated by hand (a missed argument evaluated at another
+    # resolution) and the results went into the current directory.
+    result = _evaluate("--workdir", resumed_copy, "--step", 8, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not list(tmp_path.iterdir())  # nothing in the current directory
+    evaluated = json.load(open(resumed_copy / "eval_results.json"))
+    # Step 8 was trained and evaluated under config.json: config.12.json applies from step 12.
+    assert (evaluated["step"], evaluated["config_file"]) == (8, str(resumed_copy / "config.json"))
+    assert evaluated["checkpoint"] == str(resumed_copy / "checkpoints" / "8")
+    assert evaluated["config"]["image_size"] == 32 and evaluated["config"]["eval_batch_size"] == 64
+    logged = [json.loads(line) for line in open(resumed_copy / "metrics.jsonl")]
+    logged = [r for r in logged if r["step"] == 8 and "holdout/loss" in r][0]
+    for name in ("holdout/loss", "holdout/prec@1", "holdout/examples"):
+        assert evaluated["results"][name] == pytest.approx(logged[name], abs=1e-5), name
+    assert "holdout/prec@1" in result.stdout and f"wrote {resumed_copy / 'eval_results.json'}" in result.stdout
+
+
+@pytest.mark.parametrize("args,expected", [
+    # The latest checkpoint, with the config of the latest resume before it (step 12).
+    (["--workdir", "{run}", "--evals", "val"],
+     "error: --evals names ['val'], not evaluators of the config: ['holdout']"),
+    (["--workdir", "{tmp}"],
+     "error: --workdir {tmp} has no config.json and no checkpoint ({tmp}/checkpoints/<step>/): not "
+     "a training workdir, or one whose run has not saved yet"),
+    (["--workdir", "{run}", "--output", "{run}/config.json/results.json"],
+     "error: cannot write the results to {run}/config.json/results.json: {run}/config.json is not "
+     "a directory; nothing was evaluated (give --output FILE in a writable directory)"),
+    (["--config", "configs/demo.py", "--checkpoint", "{run}/checkpoints/16"],
+     "error: --output FILE is needed: --checkpoint {run}/checkpoints/16 is not a training workdir "
+     "to write eval_results.json into (nothing is written into the current directory unasked)"),
+])
+def test_evaluate_errors_are_one_line_before_evaluating(tmp_path, resumed_copy, args, expected):
+    fill = {"{run}": str(resumed_copy), "{tmp}": str(tmp_path)}
+    for key, value in fill.items():
+        args, expected = [a.replace(key, value) for a in args], expected.replace(key, value)
+    result = _evaluate(*args, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.splitlines()[-1].startswith(expected), result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "holdout done" not in result.stderr
+    if "--evals" in args:
+        assert (f"config {resumed_copy}/config.12.json, checkpoint {resumed_copy}/checkpoints/16"
+                in result.stderr)

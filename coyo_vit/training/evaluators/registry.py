@@ -64,6 +64,22 @@ def build_evaluators(evals_config: Any, *, model: nn.Module, mesh: Mesh, params_
     return evaluators
 
 
+def run_sections(config: Any) -> dict[str, dict[str, Any]]:
+    """The evaluator sections a run evaluates (the loop) and `evaluate.py` runs: `config.evals`,
+    plus the `holdout` that `config.eval_every_steps` adds (batch `config.eval_batch_size`)."""
+    evals_config = config.get("evals")
+    evals = {name: dict(as_dict(section)) for name, section in
+             (as_dict(evals_config) if evals_config is not None else {}).items()}
+    if config.get("eval_every_steps"):
+        if "holdout" in evals:
+            raise ValueError("config.evals.holdout clashes with the holdout evaluator that "
+                             "config.eval_every_steps adds (both would write holdout/...): rename "
+                             "the entry of config.evals, or set eval_every_steps=0")
+        evals["holdout"] = dict(type="holdout", every_steps=int(config.eval_every_steps),
+                                batch_size=config.eval_batch_size)
+    return evals
+
+
 def is_due(every_steps: int, step: int, total_steps: int) -> bool:
     """Run at multiples of every_steps and at the last step; every_steps 0 = never in training."""
     return every_steps > 0 and (step % every_steps == 0 or step == total_steps)
