@@ -106,3 +106,34 @@ class SkipScan:
         kept = tf.where(new_epoch, tf.constant(0, tf.int64), kept) + tf.cast(
             tf.logical_not(is_skip), tf.int64)
         return (counts, ex["_epoch"], first_epoch, kept), {**ex, "_skipped": counts}
+
+
+class SkipNames:
+    """tf.data scan state: the reason and name (`_name`) of the first `LOG_FIRST` damaged records
+    of a stream, handed to the host on the next usable example as `_skipped_names` (one
+    "reason: name" line each; "" on most examples), so the trainer can log them.
+
+    Runs after `SkipScan`, before the filter on `_reason`. Reasons in `damage.NOT_DAMAGE` are not
+    named. Counting stops at `LOG_FIRST`, so the strings stay small.
+    """
+
+    LOG_FIRST = 5
+
+    @staticmethod
+    def initial() -> tuple[tf.Tensor, tf.Tensor]:
+        return tf.constant(0, tf.int64), tf.constant("")   # named so far, names not yet handed on
+
+    @staticmethod
+    @tf.autograph.experimental.do_not_convert
+    def step(state: tuple[tf.Tensor, tf.Tensor], ex: dict[str, tf.Tensor]
+             ) -> tuple[tuple[tf.Tensor, tf.Tensor], dict[str, tf.Tensor]]:
+        named, pending = state
+        reason = ex["_reason"]
+        not_damage = tf.constant([0] + [damage.code(r) for r in damage.NOT_DAMAGE], tf.int32)
+        is_damage = tf.logical_not(tf.reduce_any(tf.equal(reason, not_damage)))
+        add = is_damage & (named < SkipNames.LOG_FIRST)
+        line = tf.strings.join([damage.reason_name(reason), ": ", ex["_name"], "\n"])
+        pending = tf.where(add, tf.strings.join([pending, line]), pending)
+        usable = tf.equal(reason, 0)
+        out = {**ex, "_skipped_names": tf.where(usable, pending, "")}
+        return (named + tf.cast(add, tf.int64), tf.where(usable, "", pending)), out

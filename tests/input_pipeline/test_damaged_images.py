@@ -1,0 +1,109 @@
+"""Damaged images in an image folder, made from real JPEG bytes: a truncated JPEG and a 100-byte
+garbage.jpg are skipped and counted like damaged shard records (the first few logged by file
+name), masked in eval batches, and stop a strict run with an error naming the file."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from input_pipeline import classification_data, data_source
+
+GOOD = 6  # per split: 3 per class
+PP_TRAIN = "decode_jpeg_and_inception_crop(16)|flip_lr|onehot(2)"
+PP_EVAL = "decode|resize(16)|onehot(2)"
+
+
+def _jpeg(seed: int) -> bytes:
+    pixels = tf.random.stateless_uniform([40, 48, 3], [seed, 1], 0, 255, tf.int32)
+    return tf.io.encode_jpeg(tf.cast(pixels, tf.uint8), quality=90).numpy()
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> dict:
+    """ROOT/{train,test}/{cat,dog}/: 6 real JPEGs per split; train/cat also holds cut.jpg (a
+    real JPEG cut in half) and garbage.jpg (100 random bytes)."""
+    root = tmp_path_factory.mktemp("folder")
+    for split in ("train", "test"):
+        for i in range(GOOD):
+            path = root / split / ("cat", "dog")[i % 2] / f"img{i}.jpg"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(_jpeg(i))
+    whole = _jpeg(99)
+    damaged = {"undecodable_image": root / "train" / "cat" / "cut.jpg",
+               "not_an_image": root / "train" / "cat" / "garbage.jpg"}
+    damaged["undecodable_image"].write_bytes(whole[:len(whole) // 2])
+    damaged["not_an_image"].write_bytes(np.random.default_rng(0).bytes(100))
+    return {"root": root, "damaged": damaged}
+
+
+def _config(root: Path, split: str = "train", **overrides) -> dict:
+    config = {"data": {"name": "imagefolder", "root": str(root), "split": split},
+              "pp_train": PP_TRAIN, "pp_eval": PP_EVAL, "shuffle_buffer": 1, "cycle_length": 1}
+    config.update(overrides)
+    return config
+
+
+def test_training_skips_and_counts_each_damaged_image_and_logs_its_name(folder, caplog):
+    source = data_source.open_source(data_source.parse_input(_config(folder["root"])))
+    batches = source.batches(batch_size=4, seed=0)
+    with caplog.at_level(logging.WARNING):
+        for _ in range(6):  # 24 examples: the 6 good images of 4 epochs of 8 files
+            source.observe(next(batches))
+    state = source.state()
+    assert 24 + 6 <= state["position"] <= 32  # the last epoch's damaged pair may be read or not
+    counts = {k: v for k, v in state.items() if k.startswith("skipped/") and v}
+    # Exactly the two damaged files, once per epoch read, under their reasons; nothing else.
+    assert set(counts) <= {"skipped/undecodable_image", "skipped/not_an_image"}
+    assert all(3 <= n <= 4 for n in counts.values()) and len(counts) == 2
+    assert sum(counts.values()) == state["skipped"] == state["position"] - 24
+    meta = source.checkpoint_meta({k: [v] for k, v in state.items()})
+    assert meta["skipped_by_reason"][0]["not_an_image"] == state["skipped/not_an_image"]
+    named = [r.getMessage() for r in caplog.records if "skipped damaged image" in r.getMessage()]
+    for reason, path in folder["damaged"].items():
+        assert any(f"{reason}: {path}" in m for m in named), named
+    assert len(named) == 5 and "further ones are only counted" in named[-1]
+
+
+def test_a_resumed_source_keeps_counting_from_the_checkpoint(folder):
+    config = data_source.parse_input(_config(folder["root"]))
+    first = data_source.open_source(config)
+    first.observe(next(first.batches(batch_size=6, seed=0)))
+    meta = first.checkpoint_meta({k: [v] for k, v in first.state().items()})
+    resumed = data_source.open_source(config)
+    resumed.restore(meta, 0)
+    resumed.observe(next(resumed.batches(batch_size=6, seed=0)))
+    whole = data_source.open_source(config)
+    batches = whole.batches(batch_size=6, seed=0)
+    for _ in range(2):
+        whole.observe(next(batches))
+    assert resumed.state() == whole.state()
+
+
+def test_strict_stops_at_a_damaged_image_naming_the_file(folder):
+    ds = classification_data.build_train_dataset(_config(folder["root"], strict=True),
+                                                 batch_size=8, seed=0)
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"input.strict: (undecodable_image|not_an_image) \S*/train/cat/"
+                             r"(cut|garbage).jpg"):
+        next(iter(ds))
+    with pytest.raises(ValueError, match="strict must be True or False"):
+        classification_data.ClassificationInputConfig.from_config(
+            _config(folder["root"], strict="yes"))
+
+
+def test_eval_masks_damaged_images_and_marks_them(folder, tmp_path):
+    batches = list(classification_data.build_eval_dataset(
+        _config(folder["root"]), split="train", batch_size=5).as_numpy_iterator())
+    assert len(batches) == 2  # 8 files
+    names = np.concatenate([b["file_name"] for b in batches])
+    damaged = np.concatenate([b["_damaged"] for b in batches])
+    mask = np.concatenate([b["_mask"] for b in batches])
+    assert sorted(names[damaged].tolist()) == [b"cut.jpg", b"garbage.jpg"]
+    paths = np.concatenate([b["_name"] for b in batches])[damaged]
+    assert sorted(p.decode() for p in paths) == sorted(map(str, folder["damaged"].values()))
+    assert mask.sum() == GOOD and not (mask & damaged).any()
+
