@@ -1,9 +1,13 @@
 """Damaged images in an image folder, made from real JPEG bytes: a truncated JPEG and a 100-byte
 garbage.jpg are skipped and counted like damaged shard records (the first few logged by file
-name), masked in eval batches, and stop a strict run with an error naming the file."""
+name), masked in eval batches, and stop a strict run with an error naming the file. One run of
+finetune.py on such a folder goes to the end with them counted (evaluator included)."""
 from __future__ import annotations
 
+import json
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +15,7 @@ import pytest
 import tensorflow as tf
 
 from input_pipeline import classification_data, data_source
+from tests.conftest import REPO
 
 GOOD = 6  # per split: 3 per class
 PP_TRAIN = "decode_jpeg_and_inception_crop(16)|flip_lr|onehot(2)"
@@ -107,3 +112,31 @@ def test_eval_masks_damaged_images_and_marks_them(folder, tmp_path):
     assert sorted(p.decode() for p in paths) == sorted(map(str, folder["damaged"].values()))
     assert mask.sum() == GOOD and not (mask & damaged).any()
 
+
+def test_finetune_on_a_folder_with_damaged_images_runs_to_the_end_counting_them(folder, tmp_path,
+                                                                              shared_fixtures):
+    # The command line of the issue: it once stopped at the first batch with
+    # `jpeg::Uncompress failed` and no file name. test/dog/cut.jpg: the evaluator skips one too.
+    (folder["root"] / "test" / "dog" / "cut.jpg").write_bytes(
+        folder["damaged"]["undecodable_image"].read_bytes())
+    workdir = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "finetune.py"), "--config",
+         f"configs/finetune.py:folder={folder['root']},classes=2,res=32,steps=2,batch=4,warmup=1",
+         "--workdir", str(workdir), f"--config.init={shared_fixtures / 'vit_jax_npz/params.npz'}",
+         "--config.evals.val.every_steps=2"],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    (folder["root"] / "test" / "dog" / "cut.jpg").unlink()
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "input: skipped damaged image, " in result.stderr
+    assert f"eval: skipped damaged image {folder['root']}/test/dog/cut.jpg" in result.stderr
+    records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+    train = next(r for r in records if "train/loss" in r)
+    skipped = {k: v for k, v in train.items() if k.startswith("data/skipped/")}
+    # 8 examples, 6 good images of 8 per epoch: the 2 damaged ones of epoch 1, maybe those of epoch 2
+    assert set(skipped) <= {"data/skipped/not_an_image", "data/skipped/undecodable_image"}
+    assert train["data/skipped_records"] == sum(skipped.values()) >= 2
+    val = next(r for r in records if "val/top1" in r)
+    assert (val["val/examples"], val["val/skipped_images"]) == (6.0, 1.0)
+    meta = json.load(open(workdir / "checkpoints" / "2" / "meta" / "metadata"))
+    assert sum(meta["skipped_by_reason"][0].values()) == train["data/skipped_records"]
