@@ -93,7 +93,8 @@ class SkipScan:
                 "input: a whole epoch of this process's training records gave no example. "
                 "Records skipped so far by reason: ", summary, ". Shards without labels need "
                 "python -m input_pipeline.tools.join_labels; otherwise check the label mode and run "
-                "python -m input_pipeline.tools.validate_shards"])
+                "python -m input_pipeline.tools.validate_shards (image folders and TFDS data: "
+                "check their images)"])
             with tf.control_dependencies([tf.debugging.Assert(False, [message])]):
                 return tf.zeros([], tf.int64)
 

@@ -100,6 +100,17 @@ def test_strict_stops_at_a_damaged_image_naming_the_file(folder):
             _config(folder["root"], strict="yes"))
 
 
+def test_a_folder_of_only_damaged_images_raises_instead_of_spinning(folder, tmp_path):
+    for name in ("cat", "dog"):
+        (tmp_path / "train" / name).mkdir(parents=True)
+        (tmp_path / "train" / name / "x.jpg").write_bytes(folder["damaged"]["not_an_image"]
+                                                           .read_bytes())
+    ds = classification_data.build_train_dataset(_config(tmp_path), batch_size=1, seed=0)
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"whole epoch.*not_an_image=4.*check their images"):
+        next(iter(ds))
+
+
 def test_eval_masks_damaged_images_and_marks_them(folder, tmp_path):
     batches = list(classification_data.build_eval_dataset(
         _config(folder["root"]), split="train", batch_size=5).as_numpy_iterator())
