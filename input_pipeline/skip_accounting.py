@@ -115,20 +115,32 @@ class SkipNames:
     "reason: name" line each; "" on most examples), so the trainer can log them.
 
     Runs after `SkipScan`, before the filter on `_reason`. Reasons in `damage.NOT_DAMAGE` are not
-    named. Counting stops at `LOG_FIRST`, so the strings stay small.
+    named. Records dropped before it (`_index` gaps: `unreadable`) are named from `_recent`, the
+    names of the `LOG_FIRST` raw records before each one, when the stream carries it. Naming
+    stops at `LOG_FIRST`, so the strings stay small.
     """
 
     LOG_FIRST = 5
 
     @staticmethod
-    def initial() -> tuple[tf.Tensor, tf.Tensor]:
-        return tf.constant(0, tf.int64), tf.constant("")   # named so far, names not yet handed on
+    def initial(start_position: int = 0) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        # named so far, names not yet handed on, the last `_index` seen
+        return (tf.constant(0, tf.int64), tf.constant(""),
+                tf.constant(start_position - 1, tf.int64))
 
     @staticmethod
     @tf.autograph.experimental.do_not_convert
-    def step(state: tuple[tf.Tensor, tf.Tensor], ex: dict[str, tf.Tensor]
-             ) -> tuple[tuple[tf.Tensor, tf.Tensor], dict[str, tf.Tensor]]:
-        named, pending = state
+    def step(state: tuple[tf.Tensor, tf.Tensor, tf.Tensor], ex: dict[str, tf.Tensor]
+             ) -> tuple[tuple[tf.Tensor, tf.Tensor, tf.Tensor], dict[str, tf.Tensor]]:
+        named, pending, last = state
+        if "_recent" in ex:  # the records dropped right before this one: the last `gap` names
+            size = SkipNames.LOG_FIRST
+            gap = tf.minimum(ex["_index"] - last - 1, size)
+            take = tf.maximum(tf.minimum(gap, SkipNames.LOG_FIRST - named), 0)
+            names = ex["_recent"][size - gap:size - gap + take]
+            pending = tf.strings.join([pending, tf.strings.reduce_join(
+                tf.strings.join(["unreadable: ", names, "\n"]))])
+            named += take
         reason = ex["_reason"]
         not_damage = tf.constant([0] + [damage.code(r) for r in damage.NOT_DAMAGE], tf.int32)
         is_damage = tf.logical_not(tf.reduce_any(tf.equal(reason, not_damage)))
@@ -137,4 +149,5 @@ class SkipNames:
         pending = tf.where(add, tf.strings.join([pending, line]), pending)
         usable = tf.equal(reason, 0)
         out = {**ex, "_skipped_names": tf.where(usable, pending, "")}
-        return (named + tf.cast(add, tf.int64), tf.where(usable, "", pending)), out
+        return (named + tf.cast(add, tf.int64), tf.where(usable, "", pending),
+                ex["_index"]), out

@@ -62,14 +62,16 @@ def test_training_skips_and_counts_each_damaged_image_and_logs_its_name(folder, 
     assert 24 + 6 <= state["position"] <= 32  # the last epoch's damaged pair may be read or not
     counts = {k: v for k, v in state.items() if k.startswith("skipped/") and v}
     # Exactly the two damaged files, once per epoch read, under their reasons; nothing else.
-    assert set(counts) <= {"skipped/undecodable_image", "skipped/not_an_image"}
+    assert set(counts) <= {"skipped/unreadable", "skipped/not_an_image"}
     assert all(3 <= n <= 4 for n in counts.values()) and len(counts) == 2
     assert sum(counts.values()) == state["skipped"] == state["position"] - 24
     meta = source.checkpoint_meta({k: [v] for k, v in state.items()})
     assert meta["skipped_by_reason"][0]["not_an_image"] == state["skipped/not_an_image"]
     named = [r.getMessage() for r in caplog.records if "skipped damaged image" in r.getMessage()]
+    # A JPEG that does not decode is dropped by the pipeline (`unreadable`, as in shards).
+    logged_as = {"undecodable_image": "unreadable", "not_an_image": "not_an_image"}
     for reason, path in folder["damaged"].items():
-        assert any(f"{reason}: {path}" in m for m in named), named
+        assert any(f"{logged_as[reason]}: {path}" in m for m in named), named
     assert len(named) == 5 and "further ones are only counted" in named[-1]
 
 
@@ -109,6 +111,11 @@ def test_a_folder_of_only_damaged_images_raises_instead_of_spinning(folder, tmp_
     with pytest.raises(tf.errors.InvalidArgumentError,
                        match=r"whole epoch.*not_an_image=4.*check their images"):
         next(iter(ds))
+    for name in ("cat", "dog"):  # truncated JPEGs: dropped, so found before the stream starts
+        (tmp_path / "train" / name / "x.jpg").write_bytes(
+            folder["damaged"]["undecodable_image"].read_bytes())
+    with pytest.raises(ValueError, match="pp_train failed on each of the first 2 images"):
+        classification_data.build_train_dataset(_config(tmp_path), batch_size=1, seed=0)
 
 
 def test_eval_masks_damaged_images_and_marks_them(folder, tmp_path):
@@ -145,7 +152,7 @@ def test_finetune_on_a_folder_with_damaged_images_runs_to_the_end_counting_them(
     train = next(r for r in records if "train/loss" in r)
     skipped = {k: v for k, v in train.items() if k.startswith("data/skipped/")}
     # 8 examples, 6 good images of 8 per epoch: the 2 damaged ones of epoch 1, maybe those of epoch 2
-    assert set(skipped) <= {"data/skipped/not_an_image", "data/skipped/undecodable_image"}
+    assert set(skipped) <= {"data/skipped/not_an_image", "data/skipped/unreadable"}
     assert train["data/skipped_records"] == sum(skipped.values()) >= 2
     val = next(r for r in records if "val/top1" in r)
     assert (val["val/examples"], val["val/skipped_images"]) == (6.0, 1.0)
