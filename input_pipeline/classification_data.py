@@ -525,8 +525,10 @@ def _check_stream_progresses(source: Any, process: Any, cfg: ClassificationInput
     image that does not decode is dropped before the skip-count scan, so data that damaged (or
     a pp that fails on every image) would leave the endless stream spinning with no error."""
     probe = source.examples(process_index, process_count, cfg).take(_PROBE_EXAMPLES).enumerate()
-    iterator = iter(probe.map(lambda index, ex: process(index, ex, tf.fill([SkipNames.LOG_FIRST],
-                                                                            ""))))
+    probe = probe.map(lambda index, ex: process(index, ex, tf.fill([SkipNames.LOG_FIRST], "")))
+    for _ in probe.ignore_errors().take(1):  # quietly: TF logs each error an iterator raises
+        return
+    iterator = iter(probe)
     errors = []
     while True:
         try:
