@@ -59,7 +59,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         cycle_length=4,
         num_parallel_calls=-1,
         prefetch=2,
-        ram_budget_gb=config_dict.placeholder(float))  # None = tf.data's own
+        ram_budget_gb=config_dict.placeholder(float),  # None = tf.data's own
+        strict=False)  # True: stop at the first damaged image instead of skipping it
     config.optimizer = dict(name="sgd", momentum=0.9, nesterov=False, weight_decay=0.0,
                             grad_clip_norm=1.0,
                             skip_nonfinite=False)  # True: skip steps whose loss/gradients are inf/nan

@@ -12,7 +12,8 @@ The train loop talks to a `DataSource` and never asks which kind it has:
 loop gathers it over processes in one collective and the source lays the gathered lists out in
 the checkpoint metadata. COYO shards (`ShardSource`) also count skipped records per reason and,
 once a damaged file was met, the epoch length read off the data; classification data
-(`ClassificationSource`: TFDS or an image folder) counts skipped records only.
+(`ClassificationSource`: TFDS or an image folder) counts skipped (damaged) images per reason
+too, and logs the first few by file name.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from input_pipeline import classification_data, pipeline, sources
-from input_pipeline.skip_accounting import SkipCounter
+from input_pipeline.skip_accounting import SkipCounter, SkipNames
 
 
 class ShardSource:
@@ -99,6 +100,8 @@ class ClassificationSource:
         self._process = dict(process_index=process_index, process_count=process_count)
         self.position = 0
         self.skipped = 0
+        self._reasons = SkipCounter(0)
+        self._named = 0  # damaged images logged by name by this process
 
     @property
     def num_classes(self) -> int | None:
@@ -111,24 +114,41 @@ class ClassificationSource:
     def restore(self, meta: Mapping[str, Any], process_index: int) -> None:
         self.position = int(meta["data_positions"][process_index])
         self.skipped = int(meta.get("skipped_records", [0] * (process_index + 1))[process_index])
+        reasons = meta.get("skipped_by_reason")
+        self._reasons = SkipCounter(self.position, reasons[process_index] if reasons else None)
 
     def batches(self, batch_size: int, seed: int) -> Iterator[dict[str, np.ndarray]]:
         return classification_data.build_train_dataset(
             self.config, batch_size=batch_size, seed=seed, start_position=self.position,
-            **self._process).as_numpy_iterator()
+            skip_counts=True, **self._process).as_numpy_iterator()
 
     def observe(self, host: Mapping[str, np.ndarray]) -> None:
         consumed = int(host["_index"].max()) + 1
         self.skipped += consumed - self.position - len(host["_index"])
         self.position = consumed
+        self._reasons.update(host)
+        self._log_names(host.get("_skipped_names", ()))
+
+    def _log_names(self, names: Any) -> None:
+        for joined in names:
+            for line in (joined.decode() if isinstance(joined, bytes) else str(joined)).splitlines():
+                self._named += 1
+                logging.warning("input: skipped damaged image, %s%s", line,
+                                " (further ones are only counted: data/skipped/...)"
+                                if self._named == SkipNames.LOG_FIRST else "")
 
     def state(self) -> dict[str, int]:
-        return {"position": self.position, "skipped": self.skipped}
+        return {"position": self.position, "skipped": self.skipped,
+                **{f"skipped/{reason}": n for reason, n in self._reasons.totals().items()}}
 
     def checkpoint_meta(self, gathered: Mapping[str, Sequence[int]]) -> dict[str, Any]:
+        reasons = [key.split("/", 1)[1] for key in gathered if key.startswith("skipped/")]
+        count = len(gathered["position"])
         return {"data_positions": list(gathered["position"]),
                 "skipped_records": list(gathered["skipped"]),
-                "epoch_lengths": [0] * len(gathered["position"])}
+                "epoch_lengths": [0] * count,
+                "skipped_by_reason": [{r: gathered[f"skipped/{r}"][i] for r in reasons}
+                                      for i in range(count)]}
 
 
 DataSource = ShardSource | ClassificationSource

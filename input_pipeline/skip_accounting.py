@@ -93,7 +93,8 @@ class SkipScan:
                 "input: a whole epoch of this process's training records gave no example. "
                 "Records skipped so far by reason: ", summary, ". Shards without labels need "
                 "python -m input_pipeline.tools.join_labels; otherwise check the label mode and run "
-                "python -m input_pipeline.tools.validate_shards"])
+                "python -m input_pipeline.tools.validate_shards (image folders and TFDS data: "
+                "check their images)"])
             with tf.control_dependencies([tf.debugging.Assert(False, [message])]):
                 return tf.zeros([], tf.int64)
 
@@ -106,3 +107,47 @@ class SkipScan:
         kept = tf.where(new_epoch, tf.constant(0, tf.int64), kept) + tf.cast(
             tf.logical_not(is_skip), tf.int64)
         return (counts, ex["_epoch"], first_epoch, kept), {**ex, "_skipped": counts}
+
+
+class SkipNames:
+    """tf.data scan state: the reason and name (`_name`) of the first `LOG_FIRST` damaged records
+    of a stream, handed to the host on the next usable example as `_skipped_names` (one
+    "reason: name" line each; "" on most examples), so the trainer can log them.
+
+    Runs after `SkipScan`, before the filter on `_reason`. Reasons in `damage.NOT_DAMAGE` are not
+    named. Records dropped before it (`_index` gaps: `unreadable`) are named from `_recent`, the
+    names of the `LOG_FIRST` raw records before each one, when the stream carries it. Naming
+    stops at `LOG_FIRST`, so the strings stay small.
+    """
+
+    LOG_FIRST = 5
+
+    @staticmethod
+    def initial(start_position: int = 0) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        # named so far, names not yet handed on, the last `_index` seen
+        return (tf.constant(0, tf.int64), tf.constant(""),
+                tf.constant(start_position - 1, tf.int64))
+
+    @staticmethod
+    @tf.autograph.experimental.do_not_convert
+    def step(state: tuple[tf.Tensor, tf.Tensor, tf.Tensor], ex: dict[str, tf.Tensor]
+             ) -> tuple[tuple[tf.Tensor, tf.Tensor, tf.Tensor], dict[str, tf.Tensor]]:
+        named, pending, last = state
+        if "_recent" in ex:  # the records dropped right before this one: the last `gap` names
+            size = SkipNames.LOG_FIRST
+            gap = tf.minimum(ex["_index"] - last - 1, size)
+            take = tf.maximum(tf.minimum(gap, SkipNames.LOG_FIRST - named), 0)
+            names = ex["_recent"][size - gap:size - gap + take]
+            pending = tf.strings.join([pending, tf.strings.reduce_join(
+                tf.strings.join(["unreadable: ", names, "\n"]))])
+            named += take
+        reason = ex["_reason"]
+        not_damage = tf.constant([0] + [damage.code(r) for r in damage.NOT_DAMAGE], tf.int32)
+        is_damage = tf.logical_not(tf.reduce_any(tf.equal(reason, not_damage)))
+        add = is_damage & (named < SkipNames.LOG_FIRST)
+        line = tf.strings.join([damage.reason_name(reason), ": ", ex["_name"], "\n"])
+        pending = tf.where(add, tf.strings.join([pending, line]), pending)
+        usable = tf.equal(reason, 0)
+        out = {**ex, "_skipped_names": tf.where(usable, pending, "")}
+        return (named + tf.cast(add, tf.int64), tf.where(usable, "", pending),
+                ex["_index"]), out

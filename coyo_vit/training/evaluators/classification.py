@@ -16,16 +16,20 @@ Config of a `classification` evaluator (in `config.evals`):
              pp="decode|resize(384)|onehot(1000)", top_k=(1, 5))
 
 Results: `{name}/top1`, `{name}/top5` (one per top_k), `{name}/loss` (the training loss on the
-pp's `labels`), `{name}/examples`. Needs batch keys image, labels, label, _mask.
+pp's `labels`), `{name}/examples`, and `{name}/skipped_images` when the split holds damaged
+images (classification data: masked by the pipeline, counted and the first few named in the log
+by `GatheredPass`, as in every evaluator). Needs batch keys image, labels, label, _mask.
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 from flax import linen as nn
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from coyo_vit.config_keys import check_keys
@@ -33,6 +37,8 @@ from coyo_vit.training import sharding
 from coyo_vit.training.evaluators import metric_math
 from coyo_vit.training.step import compiler_options_for_mesh
 
+# Damaged eval images named in the log per pass (per process); the rest are only counted.
+LOG_FIRST_DAMAGED = 5
 # Keys every evaluator config may hold; each type adds its own.
 COMMON_KEYS = ("type", "every_steps", "data", "pp", "batch_size")
 LossFn = Callable[[jax.Array, jax.Array], jax.Array]
@@ -115,11 +121,30 @@ class GatheredPass:
             ) -> Iterator[dict[str, np.ndarray]]:
         """`host_extra(local_batch)` adds numeric arrays computed on the host (e.g. ReaL
         targets from file names) to what is sent to devices; list them in passthrough."""
+        self._damaged = 0
         for local in local_batches:
+            if "_damaged" in local:  # classification data: damaged images, already masked
+                self._note_damaged(local)
             if host_extra is not None:
                 local = {**local, **host_extra(local)}
             batch = sharding.to_global({k: local[k] for k in self._device_keys}, self._batch_sharding)
             yield {k: np.asarray(v) for k, v in jax.device_get(self._step(params, batch)).items()}
+
+    def _note_damaged(self, local: Mapping[str, np.ndarray]) -> None:
+        damaged = np.asarray(local["_damaged"], bool)
+        for name in np.asarray(local.get("_name", local.get("file_name")))[damaged]:
+            self._damaged += 1
+            if self._damaged <= LOG_FIRST_DAMAGED:
+                logging.warning("eval: skipped damaged image %s%s", name.decode(),
+                                " (further ones are only counted)"
+                                if self._damaged == LOG_FIRST_DAMAGED else "")
+
+    def damaged_images(self) -> int:
+        """Damaged images the last `run` skipped, over all processes (all must call it)."""
+        count = np.asarray([getattr(self, "_damaged", 0)], np.int64)
+        if jax.process_count() > 1:
+            count = np.asarray(multihost_utils.process_allgather(count))
+        return int(count.sum())
 
 
 def local_batch_size(global_batch: Any, mesh: Mesh, name: str) -> int:
@@ -220,6 +245,9 @@ class ClassificationEvaluator(EvalSection):
             raise ValueError(f"evaluator {self.name!r}: the eval split has no examples")
         results = {f"{prefix}/top{k}": hits[k] / count for k in self._top_k}
         results.update({f"{prefix}/loss": loss / count, f"{prefix}/examples": float(count)})
+        damaged = self._pass.damaged_images()
+        if damaged:
+            results[f"{prefix}/skipped_images"] = float(damaged)
         return results
 
 
