@@ -1,4 +1,4 @@
-"""Finds training images that are near-duplicates of evaluation images, by pHash.
+r"""Finds training images that are near-duplicates of evaluation images, by pHash.
 
     python -m input_pipeline.tools.decontaminate --eval_dir /data/imagenet/val \
         --train_metadata '/data/coyo/metadata/*.parquet' --max_distance 4 --output_dir decon/

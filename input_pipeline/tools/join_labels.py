@@ -1,4 +1,4 @@
-"""Adds COYO's labels to shards downloaded without them, joining on url with bounded memory.
+r"""Adds COYO's labels to shards downloaded without them, joining on url with bounded memory.
 
     python -m input_pipeline.tools.join_labels --shards /data/coyo/shards \
         --metadata '/data/coyo/metadata/*.parquet' --output_dir /data/coyo/shards_labelled
