@@ -531,7 +531,16 @@ CONFIGS = (("coyo_pretrain", None), ("demo", None), ("demo_finetune", None),
            ("finetune", "folder=/data/flowers,classes=102"), ("imagenet_finetune", None))
 
 
-def test_every_config_lists_every_model_field_at_the_model_defaults_but_what_it_changes():
+def _concrete(model: dict, num_classes: int, shared_fixtures) -> dict:
+    """A config's model section as Model kwargs: variant='auto' takes a real checkpoint's shape."""
+    if model.get("variant") != "auto":
+        return dict(model)
+    from coyo_vit.training.run_config import resolve_model  # late: the runtime, for 'auto' only
+
+    return resolve_model(dict(model), str(shared_fixtures / "vit_jax_npz" / "params.npz"), num_classes)
+
+
+def test_every_config_lists_every_model_field_at_the_model_defaults_but_what_it_changes(shared_fixtures):
     # So `--config.model.<field>=...` works for every recipe (rep_size and the other None
     # defaults too), evaluate.py can take the speed options, and a config spells out only what
     # it changes from the model's defaults.
@@ -550,23 +559,26 @@ def test_every_config_lists_every_model_field_at_the_model_defaults_but_what_it_
     for name, arg in CONFIGS:
         config = importlib.import_module(f"configs.{name}").get_config(arg)
         assert set(config.model) == settable, name
-        Model(num_classes=config.num_classes, **config.model)  # valid as it stands
+        # Valid as it stands (with variant='auto', once given a checkpoint's shape).
+        Model(num_classes=config.num_classes, **_concrete(config.model, config.num_classes, shared_fixtures))
     with pytest.raises(ValueError, match="Did you mean 'rep_size'"):
         common.model_config(repsize=8)
 
 
-def test_model_fields_can_be_set_on_the_command_line():
+def test_model_fields_can_be_set_on_the_command_line(shared_fixtures):
     # The documented overrides, and fields whose default is None (typed placeholders).
     from absl import flags
     from ml_collections import config_flags
 
     argv = ["prog", "--config=configs/finetune.py:dataset=cifar10,classes=10",
             "--config.model.attention_impl=xla", "--config.model.remat_policy=dots_saveable",
-            "--config.model.rep_size=64", "--config.model.attention_pad_multiple=4",
+            "--config.model.rep_size=48", "--config.model.attention_pad_multiple=4",
             "--config.model.gelu_recompute=false", "--config.model.dtype=float32"]
     values = flags.FlagValues()
     config_flags.DEFINE_config_file("config", flag_values=values, sys_argv=argv)  # reads overrides from argv
     values(argv)
-    model = Model(num_classes=values.config.num_classes, **values.config.model)
+    num_classes = values.config.num_classes
+    model = Model(num_classes=num_classes, **_concrete(values.config.model.to_dict(), num_classes,
+                                                       shared_fixtures))
     assert (model.attention_impl, model.remat_policy, model.rep_size, model.attention_pad_multiple,
-            model.gelu_recompute, model.dtype) == ("xla", "dots_saveable", 64, 4, False, "float32")
+            model.gelu_recompute, model.dtype) == ("xla", "dots_saveable", 48, 4, False, "float32")
