@@ -28,6 +28,7 @@ from jax.experimental import multihost_utils
 
 from checkpoints import orbax_io
 from checkpoints.orbax_io import TrainCheckpointer
+from coyo_vit.config_keys import ConfigError
 from coyo_vit.models import Model, count_params
 from coyo_vit.training import run_config, runtime, sharding
 from coyo_vit.training import workdir as workdir_record
@@ -78,8 +79,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
     local_batch = sharding.check_batch_size(run_cfg.batch_size, mesh, process_count)
     accum = run_cfg.grad_accum_steps
     if run_cfg.batch_size % (accum * sharding.data_parallel_size(mesh)):
-        raise ValueError(f"Batch size {run_cfg.batch_size} is not divisible by grad_accum_steps={accum} "
-                         f"x {sharding.data_parallel_size(mesh)} data-parallel devices.")
+        raise ConfigError(f"Batch size {run_cfg.batch_size} is not divisible by grad_accum_steps={accum} "
+                          f"x {sharding.data_parallel_size(mesh)} data-parallel devices.")
     logging.info("Process %d/%d, %d local of %d devices, mesh %s", process_index, process_count,
                  jax.local_device_count(), jax.device_count(), dict(mesh.shape))
 

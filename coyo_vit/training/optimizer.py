@@ -12,7 +12,7 @@ from typing import Any
 import jax
 import optax
 
-from coyo_vit.config_keys import check_keys
+from coyo_vit.config_keys import ConfigError, check_keys
 
 SCHEDULE_DECAYS = ("linear", "cosine", "constant")
 OPTIMIZERS = ("adamw", "sgd")
@@ -25,9 +25,9 @@ def make_schedule(cfg: Mapping[str, Any], total_steps: int) -> optax.Schedule:
     warmup = int(cfg.get("warmup_steps", 0))
     decay = cfg.get("decay", "linear")
     if decay not in SCHEDULE_DECAYS:
-        raise ValueError(f"Unknown schedule decay {decay!r}; valid: {list(SCHEDULE_DECAYS)}.")
+        raise ConfigError(f"Unknown schedule decay {decay!r}; valid: {list(SCHEDULE_DECAYS)}.")
     if warmup >= total_steps and decay != "constant":
-        raise ValueError(f"warmup_steps={warmup} must be smaller than total_steps={total_steps}.")
+        raise ConfigError(f"warmup_steps={warmup} must be smaller than total_steps={total_steps}.")
     decay_steps = max(total_steps - warmup, 1)
     if decay == "linear":
         after = optax.linear_schedule(base, end, decay_steps)
@@ -67,7 +67,7 @@ def make_optimizer(cfg: Mapping[str, Any], schedule: optax.Schedule) -> optax.Gr
     common = ("name", "grad_clip_norm", "weight_decay", "decay_pattern", "skip_nonfinite")
     allowed = {"adamw": common + ("b1", "b2", "eps"), "sgd": common + ("momentum", "nesterov")}
     if name not in allowed:
-        raise ValueError(f"Unknown optimizer {name!r}; valid: {list(OPTIMIZERS)}.")
+        raise ConfigError(f"Unknown optimizer {name!r}; valid: {list(OPTIMIZERS)}.")
     check_keys(cfg, allowed[name], "config.optimizer")
     clip = cfg.get("grad_clip_norm")
     parts = [optax.clip_by_global_norm(float(clip))] if clip else []
@@ -83,6 +83,6 @@ def make_optimizer(cfg: Mapping[str, Any], schedule: optax.Schedule) -> optax.Gr
         parts.append(optax.sgd(schedule, momentum=cfg.get("momentum", 0.9) or None,
                                nesterov=bool(cfg.get("nesterov", False))))
     if not isinstance(cfg.get("skip_nonfinite", False), bool):
-        raise ValueError(f"optimizer.skip_nonfinite must be True or False, got "
+        raise ConfigError(f"optimizer.skip_nonfinite must be True or False, got "
                          f"{cfg.get('skip_nonfinite')!r}")
     return optax.chain(*parts)

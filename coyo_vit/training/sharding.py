@@ -21,6 +21,8 @@ from flax import linen as nn
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from coyo_vit.config_keys import ConfigError
+
 MESH_AXES = ("data", "fsdp", "model")
 BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over both: FSDP is data parallel too
 
@@ -46,19 +48,19 @@ def make_mesh(axis_sizes: Mapping[str, int], devices: Sequence[jax.Device] | Non
     """Builds a mesh with axes ("data", "fsdp", "model"); one size may be -1 (= the rest)."""
     unknown = set(axis_sizes) - set(MESH_AXES)
     if unknown:
-        raise ValueError(f"Unknown mesh axes {sorted(unknown)}; valid axes are {list(MESH_AXES)}.")
+        raise ConfigError(f"Unknown mesh axes {sorted(unknown)}; valid axes are {list(MESH_AXES)}.")
     devices = list(devices if devices is not None else jax.devices())
     sizes = [int(axis_sizes.get(name, 1)) for name in MESH_AXES]
     if sizes.count(-1) > 1:
-        raise ValueError(f"At most one mesh axis may be -1, got {dict(zip(MESH_AXES, sizes))}.")
+        raise ConfigError(f"At most one mesh axis may be -1, got {dict(zip(MESH_AXES, sizes))}.")
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if len(devices) % known:
-            raise ValueError(f"Mesh {dict(zip(MESH_AXES, sizes))}: {len(devices)} devices are not "
+            raise ConfigError(f"Mesh {dict(zip(MESH_AXES, sizes))}: {len(devices)} devices are not "
                              f"divisible by the fixed axes' product {known}.")
         sizes[sizes.index(-1)] = len(devices) // known
     if math.prod(sizes) != len(devices):
-        raise ValueError(f"Mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
+        raise ConfigError(f"Mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
                          f"but {len(devices)} are available.")
     # mesh_utils orders devices so that neighbouring mesh positions are close on the interconnect.
     try:
@@ -75,12 +77,12 @@ def rules_from_config(rules: Sequence[Sequence[Any]] | None) -> tuple[tuple[str,
     out = []
     for rule in rules:
         if len(rule) != 2:
-            raise ValueError(f"A sharding rule must be [logical_axis, mesh_axes], got {rule!r}.")
+            raise ConfigError(f"A sharding rule must be [logical_axis, mesh_axes], got {rule!r}.")
         logical, target = rule
         targets = (target,) if isinstance(target, str) else tuple(target or ())
         bad = [t for t in targets if t not in MESH_AXES]
         if bad:
-            raise ValueError(f"Rule {rule!r} names mesh axes {bad}; valid axes are {list(MESH_AXES)}.")
+            raise ConfigError(f"Rule {rule!r} names mesh axes {bad}; valid axes are {list(MESH_AXES)}.")
         out.append((logical, target if isinstance(target, str) or target is None else tuple(target)))
     return tuple(out)
 
@@ -102,10 +104,10 @@ def check_batch_size(global_batch: int, mesh: Mesh, process_count: int) -> int:
     """Returns the per-process batch; errors name both numbers when the split is uneven."""
     dp = data_parallel_size(mesh)
     if global_batch % dp:
-        raise ValueError(f"Batch size {global_batch} is not divisible by the {dp} data-parallel "
+        raise ConfigError(f"Batch size {global_batch} is not divisible by the {dp} data-parallel "
                          f"devices (mesh {dict(mesh.shape)}).")
     if global_batch % process_count:
-        raise ValueError(f"Batch size {global_batch} is not divisible by the {process_count} processes.")
+        raise ConfigError(f"Batch size {global_batch} is not divisible by the {process_count} processes.")
     local = global_batch // process_count
     # Each process feeds `local` rows of its own data. That is only right if its devices hold
     # exactly that many distinct rows of the batch: a non-batch axis (e.g. `model`) spanning
@@ -114,7 +116,7 @@ def check_batch_size(global_batch: int, mesh: Mesh, process_count: int) -> int:
     held = _rows_held(batch_sharding(mesh).addressable_devices_indices_map((global_batch,)).values(),
                       global_batch)
     if held != local:
-        raise ValueError(
+        raise ConfigError(
             f"The mesh {dict(mesh.shape)} gives this process's devices {held} of the {global_batch} "
             f"batch rows, but each of the {process_count} processes feeds {local}: the data-parallel "
             f"axes ({', '.join(BATCH_AXES)}) must split the batch evenly over the processes; keep "
@@ -163,7 +165,7 @@ def _placement_spec(placement: Any, logical: PartitionSpec, shape: tuple[int, ..
         bad = [a for a in placement if a is not None and a not in MESH_AXES]
         if not bad:
             return PartitionSpec(*placement)
-    raise ValueError(f"Bad placement {placement!r} for parameter {name} of shape {shape}: use "
+    raise ConfigError(f"Bad placement {placement!r} for parameter {name} of shape {shape}: use "
                      f"'logical', 'replicated', 'fsdp_auto[:MIN_SIZE]' or one of {list(MESH_AXES)} "
                      f"or None per dimension.")
 

@@ -16,6 +16,8 @@ from typing import Any
 
 import ml_collections
 
+from coyo_vit.config_keys import ConfigError
+
 SAFE_RESUME_KEYS = (
     "total_steps", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
     "checkpoint_compression", "eval_every_steps", "eval_batch_size", "evals",
@@ -71,7 +73,7 @@ def check_resume(workdir: str, config: ml_collections.ConfigDict) -> dict[str, t
     if refused:
         listed = "; ".join(f"{key} {_show(old)} (checkpoint) vs {_show(new)} (this run)"
                            for key, (old, new) in refused.items())
-        raise ValueError(
+        raise ConfigError(
             f"{CONFIG_FILE} of {workdir} differs: {listed}. Resume with the checkpoint's values, "
             f"or train in a new --workdir; a resume may change only "
             f"{', '.join(SAFE_RESUME_KEYS)} (coyo_vit/training/workdir.py)")
