@@ -70,6 +70,7 @@ from input_pipeline.dataset_common import (
     check_reading_options,
     check_seed,
     dataset_options,
+    errors_before_progress,
     model_inputs,
     pad_batch,
     shuffle_by_seed,
@@ -528,16 +529,7 @@ def _check_stream_progresses(source: Any, process: Any, cfg: ClassificationInput
     probe = probe.map(lambda index, ex: process(index, ex, tf.fill([SkipNames.LOG_FIRST], "")))
     for _ in probe.ignore_errors().take(1):  # quietly: TF logs each error an iterator raises
         return
-    iterator = iter(probe)
-    errors = []
-    while True:
-        try:
-            next(iterator)
-            return  # processed (possibly as a skip with a reason): the stream makes progress
-        except StopIteration:
-            break
-        except tf.errors.OpError as e:
-            errors.append(e.message)
+    errors = errors_before_progress(probe)
     if errors:
         raise ValueError(f"pp_train failed on each of the first {len(errors)} images of "
                          f"{source.description}, so training would wait forever for an example "

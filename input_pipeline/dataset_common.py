@@ -17,6 +17,23 @@ def as_dict(value: Any, what: str) -> dict[str, Any]:
     return dict(value)
 
 
+def errors_before_progress(probe: tf.data.Dataset) -> list[str]:
+    """The error messages of `probe`'s elements up to its first that processes, or [] when one
+    does (a skip with a reason counts: the stream makes progress). The start-up checks of both
+    training streams read their first examples through it: a pp that fails on every one would
+    otherwise leave the endless stream spinning with no error."""
+    iterator = iter(probe)
+    errors = []
+    while True:
+        try:
+            next(iterator)
+            return []
+        except StopIteration:
+            return errors
+        except tf.errors.OpError as e:
+            errors.append(e.message)
+
+
 def check_int(value: Any, name: str, minimum: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")

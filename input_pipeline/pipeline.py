@@ -36,6 +36,7 @@ from input_pipeline.dataset_common import (
     check_reading_options,
     check_seed,
     dataset_options,
+    errors_before_progress,
     model_inputs,
     pad_batch,
     shuffle_by_seed,
@@ -177,16 +178,7 @@ def _check_records_process(mine: list[sources.FileSlice], process: Callable, cfg
     reported here too. Reads the first records in file order, unshuffled: no buffer to fill.
     """
     probe = _read_slices(mine, cfg).map(lambda raw: {**raw, "_epoch": tf.constant(0, tf.int64)})
-    iterator = iter(probe.enumerate().take(_PROBE_RECORDS).map(process))
-    errors = []
-    while True:
-        try:
-            next(iterator)
-            return  # processed (possibly as a skip with a reason): the stream makes progress
-        except StopIteration:
-            break
-        except tf.errors.OpError as e:
-            errors.append(e.message)
+    errors = errors_before_progress(probe.enumerate().take(_PROBE_RECORDS).map(process))
     if errors:
         raise ValueError(f"pp_train failed on each of the first {len(errors)} records of "
                          f"{mine[0].path} and the files after it, so training would wait forever "
