@@ -23,7 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from input_pipeline import classification_data, pipeline, sources
+from coyo_vit.config_keys import ConfigError
+from input_pipeline import classification_data, pipeline, relayout, sources
 from input_pipeline.skip_accounting import SkipCounter, SkipNames
 
 
@@ -37,6 +38,8 @@ class ShardSource:
         self.skipped = 0
         self._epoch_length = 0  # counted by reading (0: the record headers are trusted)
         self._reasons = SkipCounter(0)
+        self.layout = relayout.Layout(process_count)
+        self.resumed: relayout.Relayout | None = None  # set by a resume on another process count
 
     @property
     def num_classes(self) -> int | None:
@@ -47,25 +50,54 @@ class ShardSource:
         sources.list_files(self.config.files)
 
     def restore(self, meta: Mapping[str, Any], process_index: int) -> None:
-        """Continues from a checkpoint's metadata written by as many processes as this run."""
-        self.position = int(meta["data_positions"][process_index])
-        self.skipped = int(meta.get("skipped_records", [0] * (process_index + 1))[process_index])
-        reasons = meta.get("skipped_by_reason")
-        self._reasons = SkipCounter(self.position, reasons[process_index] if reasons else None)
-        if self._reasons.totals().get("damaged_file", 0) > 0:
-            # A damaged file met before: record headers may promise records that cannot be read
-            # (bad checksum), so the epoch is counted by reading, once; checkpoints keep the count.
-            self._epoch_length = int((meta.get("epoch_lengths") or [0] * (process_index + 1))[process_index])
-            if not self._epoch_length:
-                logging.info("Counting this process's epoch by reading its files (damage seen)")
-                self._epoch_length = pipeline.train_epoch_length(self.config, read_payloads=True,
-                                                                 **self._process)
+        """Continues from a checkpoint's metadata: this process's position when the checkpoint
+        was written by as many processes as this run, else the start of its prelude under the
+        new layout (input_pipeline.relayout), with the skip counts summed onto process 0."""
+        old = relayout.Layout.from_meta(meta)
+        reasons = meta.get("skipped_by_reason") or [{}] * old.process_count
+        damage_seen = any(r.get("damaged_file", 0) > 0 for r in reasons)
+        if old.process_count == self._process["process_count"]:
+            self.layout = old
+            self.position = int(meta["data_positions"][process_index])
+            self.skipped = int(meta.get("skipped_records", [0] * (process_index + 1))[process_index])
+            self._reasons = SkipCounter(self.position, reasons[process_index])
+            if reasons[process_index].get("damaged_file", 0) > 0:
+                self._epoch_length = self._counted_epoch_length(meta, process_index,
+                                                                old.process_count)
+            return
+        lengths = [self._counted_epoch_length(meta, p, old.process_count) if damage_seen else
+                   pipeline.train_epoch_length(self.config, process_index=p,
+                                               process_count=old.process_count)
+                   for p in range(old.process_count)]
+        self.resumed = relayout.relayout(old, [int(p) for p in meta["data_positions"]], lengths,
+                                         self._process["process_count"])
+        self.layout = self.resumed.layout
+        self.position = 0
+        if process_index == 0:  # the run's totals, kept once
+            self.skipped = sum(int(n) for n in meta.get("skipped_records", []))
+            self._reasons = SkipCounter(0, {r: sum(int(c.get(r, 0)) for c in reasons)
+                                            for r in SkipCounter.REASONS})
+        if damage_seen:
+            self._epoch_length = pipeline.train_epoch_length(self.config, read_payloads=True,
+                                                             **self._process)
+
+    def _counted_epoch_length(self, meta: Mapping[str, Any], process_index: int,
+                              process_count: int) -> int:
+        """A process's epoch length once a damaged file was met: record headers may promise
+        records that cannot be read (bad checksum), so the epoch is counted by reading, once;
+        checkpoints keep the count."""
+        saved = int((meta.get("epoch_lengths") or [0] * process_count)[process_index])
+        if saved:
+            return saved
+        logging.info("Counting process %d's epoch by reading its files (damage seen)", process_index)
+        return pipeline.train_epoch_length(self.config, read_payloads=True,
+                                           process_index=process_index, process_count=process_count)
 
     def batches(self, batch_size: int, seed: int) -> Iterator[dict[str, np.ndarray]]:
         """Endless numpy batches of this process from the current position."""
         return pipeline.build_train_dataset(
             self.config, batch_size=batch_size, seed=seed, start_position=self.position,
-            skip_counts=True, epoch_length=self._epoch_length or None,
+            skip_counts=True, epoch_length=self._epoch_length or None, layout=self.layout,
             **self._process).as_numpy_iterator()
 
     def observe(self, host: Mapping[str, np.ndarray]) -> None:
@@ -88,7 +120,8 @@ class ShardSource:
                 "skipped_records": list(gathered["skipped"]),
                 "epoch_lengths": list(gathered["epoch_length"]),
                 "skipped_by_reason": [{r: gathered[f"skipped/{r}"][i] for r in reasons}
-                                      for i in range(count)]}
+                                      for i in range(count)],
+                "data_layout": self.layout.to_meta()}
 
 
 class ClassificationSource:
@@ -112,6 +145,13 @@ class ClassificationSource:
         classification_data.prepare(self.config.data)
 
     def restore(self, meta: Mapping[str, Any], process_index: int) -> None:
+        """Continues from a checkpoint's metadata written by as many processes as this run."""
+        written_by, count = len(meta["data_positions"]), self._process["process_count"]
+        if written_by != count:
+            raise ConfigError(
+                f"this checkpoint was written by {written_by} processes and this run has {count}: "
+                f"fine-tuning data (TFDS, image folders) resumes only on the same process count; "
+                f"COYO shard pretraining resumes on any (docs/scaling.md)")
         self.position = int(meta["data_positions"][process_index])
         self.skipped = int(meta.get("skipped_records", [0] * (process_index + 1))[process_index])
         reasons = meta.get("skipped_by_reason")

@@ -22,13 +22,14 @@ Files, `exclude_keys_file` and `strict` join the settings to keep fixed across a
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable
 
 import tensorflow as tf
 
 from coyo_vit.config_keys import check_keys
-from input_pipeline import damage, pp_parser, sources
+from input_pipeline import damage, pp_parser, relayout, sources
 from input_pipeline.dataset_common import (
     as_dict,
     check_int,
@@ -106,8 +107,8 @@ class InputConfig:
 
 def build_train_dataset(input_config: Any, *, batch_size: int, seed: int, process_index: int = 0,
                         process_count: int = 1, start_position: int = 0,
-                        skip_counts: bool = False, epoch_length: int | None = None
-                        ) -> tf.data.Dataset:
+                        skip_counts: bool = False, epoch_length: int | None = None,
+                        layout: relayout.Layout | None = None) -> tf.data.Dataset:
     """Endless batches {image [b,H,W,3], labels f32 [b,C], _index int64 [b]} for this process;
     images are uint8 unless the pp ends in a float op such as value_range (then float32).
 
@@ -119,6 +120,8 @@ def build_train_dataset(input_config: Any, *, batch_size: int, seed: int, proces
     by default counted from the record headers, which is exact unless a file has a bad checksum
     mid-file (its headers promise records that cannot be read). A trainer that has counted
     `damaged_file` skips passes `train_epoch_length(..., read_payloads=True)` instead.
+    `layout`: after a resume on another process count (input_pipeline.relayout), this process
+    reads its prelude first, then its own files from the layout's base epoch.
     """
     cfg = InputConfig.from_config(input_config)
     if not cfg.pp_train:
@@ -136,7 +139,8 @@ def build_train_dataset(input_config: Any, *, batch_size: int, seed: int, proces
     process = _record_processor(cfg.pp_train, "pp_train", _exclusion(cfg), cfg.strict, base_seed)
     if not cfg.strict:
         _check_records_process(mine, process, cfg)
-    raw, start_epoch = _raw_train_stream(mine, base_seed, cfg, start_position, epoch_length)
+    raw, start_epoch = _raw_train_stream(cfg, seed, process_index, process_count, start_position,
+                                         epoch_length, layout)
     ds = raw.map(process, num_parallel_calls=cfg.num_parallel_calls, deterministic=True)
     if not cfg.strict:
         # Drops records that are not a tf.Example or whose image does not decode (counted as
@@ -267,11 +271,26 @@ def count_records(files: Any) -> int:
     return sources.count_records(files)
 
 
-def _raw_train_stream(mine: list[sources.FileSlice], base_seed: tf.Tensor, cfg: InputConfig,
-                      start_position: int, epoch_length: int | None = None
-                      ) -> tuple[tf.data.Dataset, int]:
-    """Endless (index, raw record dict) stream from raw record `start_position`, and its first
-    epoch. Raw records are `sources.read_file_records` dicts plus `_epoch`."""
+def stream_records(input_config: Any, *, seed: int, process_index: int = 0,
+                   process_count: int = 1, start: int = 0, stop: int,
+                   epoch_length: int | None = None, layout: relayout.Layout | None = None
+                   ) -> list[tuple[str, int, int]]:
+    """(file, record number in the file, epoch) of the raw records [start, stop) of a process's
+    training stream, in the order training reads them; a prelude's records carry the epoch they
+    were owed to. Reads the records, decodes nothing: for auditing which records a run trained
+    (everything below a process's checkpointed position), e.g. across an elastic resume.
+    """
+    cfg = InputConfig.from_config(input_config)
+    raw, _ = _raw_train_stream(cfg, seed, process_index, process_count, start, epoch_length,
+                               layout, mark_prelude=False)
+    return [(r["_path"].decode(), int(r["_record"]), int(r["_epoch"]))
+            for _, r in raw.take(stop - start).as_numpy_iterator()]
+
+
+def _epoch_reader(mine: list[sources.FileSlice], base_seed: tf.Tensor, cfg: InputConfig
+                  ) -> Callable[[tf.Tensor], tf.data.Dataset]:
+    """`epoch -> raw records of that epoch` of a stream over the files `mine`: the files
+    shuffled per epoch, interleaved, the records shuffled per epoch, all by `base_seed`."""
     paths = tf.constant([s.path for s in mine])
     starts = tf.constant([s.start for s in mine], tf.int64)
     file_seed = tf.random.experimental.stateless_fold_in(base_seed, _FILE_ORDER_STREAM)
@@ -291,15 +310,57 @@ def _raw_train_stream(mine: list[sources.FileSlice], base_seed: tf.Tensor, cfg: 
             maxval=None, dtype=tf.int64)
         return shuffle_by_seed(records, cfg.shuffle_buffer, epoch_shuffle_seed)
 
+    return epoch_records
+
+
+def _prelude(cfg: InputConfig, seed: int, pieces: tuple[relayout.StreamPiece, ...]
+             ) -> tf.data.Dataset:
+    """The raw records of a prelude: each piece read from its old process's stream, as that
+    process would have read it (its files, its seed, its epoch), in order."""
+    readers: dict[tuple[int, int], Callable[[tf.Tensor], tf.data.Dataset]] = {}
+    parts = []
+    for piece in pieces:
+        key = (piece.process_index, piece.process_count)
+        if key not in readers:
+            readers[key] = _epoch_reader(_training_sources(cfg, *key), tf.constant(
+                [seed, piece.process_index], tf.int64), cfg)
+        parts.append(tf.data.Dataset.from_tensors(tf.constant(piece.epoch, tf.int64))
+                     .flat_map(readers[key]).skip(piece.start).take(piece.length))
+    return functools.reduce(tf.data.Dataset.concatenate, parts)
+
+
+def _raw_train_stream(cfg: InputConfig, seed: int, process_index: int, process_count: int,
+                      start_position: int, epoch_length: int | None = None,
+                      layout: relayout.Layout | None = None, mark_prelude: bool = True
+                      ) -> tuple[tf.data.Dataset, int]:
+    """Endless (index, raw record dict) stream from raw record `start_position`, and its first
+    epoch. Raw records are `sources.read_file_records` dicts plus `_epoch`. With a `layout`, the
+    process's prelude comes first; its records have `_epoch` -1 (one pseudo-epoch, so the
+    empty-epoch guard never fires on a short piece) unless not `mark_prelude`."""
+    layout = layout or relayout.Layout(process_count)
+    if layout.process_count != process_count:
+        raise ValueError(f"a layout of {layout.process_count} processes cannot serve process "
+                         f"{process_index} of {process_count}")
+    mine = _training_sources(cfg, process_index, process_count)
+    epoch_records = _epoch_reader(mine, tf.constant([seed, process_index], tf.int64), cfg)
+    prelude_length = layout.prelude_length(process_index)
+    if start_position < prelude_length:
+        prelude = _prelude(cfg, seed, layout.preludes[process_index])
+        if mark_prelude:
+            prelude = prelude.map(lambda raw: {**raw, "_epoch": tf.constant(-1, tf.int64)})
+        ds = prelude.concatenate(tf.data.Dataset.range(layout.base_epoch, _INT64_MAX)
+                                 .flat_map(epoch_records))
+        return ds.enumerate().skip(start_position), -1
     # Whole epochs are skipped arithmetically (one header count of this process's files, unless
     # the caller knows the exact length); only the rest of the last epoch is read through, and it
     # is never parsed or decoded. A damaged file counts as its good records plus one, as
     # read_file_records yields it.
-    start_epoch, skip = 0, start_position
-    if start_position:
+    start_epoch, skip = 0, start_position - prelude_length
+    if skip:
         if epoch_length is None:
             epoch_length = sources.count_records(mine, allow_damaged=not cfg.strict)
-        start_epoch, skip = divmod(start_position, epoch_length)
+        start_epoch, skip = divmod(skip, epoch_length)
+    start_epoch += layout.base_epoch
     ds = tf.data.Dataset.range(start_epoch, _INT64_MAX).flat_map(epoch_records)
     return ds.enumerate(start=start_position - skip).skip(skip), start_epoch
 

@@ -149,13 +149,12 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
             params = _init_params(run_cfg, model) if run_cfg.init else None
             state = init_state(model, run_cfg.tx, run_cfg.image_shape, run_cfg.seed, shardings, params)
         else:
+            # Parameters, optimizer state and EMA are laid out for this run's mesh as they are
+            # read (orbax reshards to `abstract`'s shardings), whatever mesh wrote them.
             restored, meta = checkpointer.restore(latest, abstract.as_checkpoint())
             state = TrainState.from_checkpoint(restored)
-            if len(meta["data_positions"]) != process_count:
-                raise ValueError(f"Checkpoint step {latest} was written by {len(meta['data_positions'])} "
-                                 f"processes, this run has {process_count}: the data position cannot be mapped.")
             source.restore(meta, process_index)
-            logging.info("Resumed from step %d (data position %d)", latest, source.position)
+            _log_resume(latest, meta, source, run_cfg.batch_size)
         first_step = int(jax.device_get(state.step))
 
         batches = sharding.DevicePrefetcher(source.batches(local_batch, run_cfg.seed),
@@ -214,6 +213,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
                 # Saved before the evaluations: one that fails must not cost this step's checkpoint.
                 if save:
                     meta = {"model": _model_kwargs(run_cfg), "step": step,
+                            "batch_size": run_cfg.batch_size,
+                            "devices": [process_count, jax.local_device_count()],
                             **source.checkpoint_meta(data_state)}
                     checkpointer.save(step, state.as_checkpoint(), meta)
                 if stop:
@@ -242,6 +243,34 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
             raise runtime.Interrupted(stopped_at)
         logging.warning("Preempted: checkpoint of step %d written; exiting.", stopped_at)
     return state
+
+
+def _log_resume(step: int, meta: Mapping[str, Any], source: Any, batch_size: int) -> None:
+    """Says where the run continues: the data position, or how a checkpoint of another slice
+    was laid onto this one (e.g. `resumed step 400 written by 2 processes x 1 device on 1 process
+    x 2 devices; 3,072 of 3,584 records of epoch 1 remain`), and a changed global batch size."""
+    resumed = getattr(source, "resumed", None)  # a ShardSource laid out afresh
+    if resumed is None:
+        logging.info("Resumed from step %d (data position %d)", step, source.position)
+    else:
+        written = meta.get("devices") or [len(meta["data_positions"]), None]
+        logging.info("resumed step %d written by %s on %s; %s; then epoch %d over %s", step,
+                     _slice(*written), _slice(jax.process_count(), jax.local_device_count()),
+                     resumed.describe(), resumed.layout.base_epoch,
+                     _plural(jax.process_count(), "process", "processes"))
+    if meta.get("batch_size") not in (None, batch_size):
+        logging.info("batch size changed on resume: %d (checkpoint) -> %d (this run); the "
+                     "learning-rate schedule follows steps", meta["batch_size"], batch_size)
+
+
+def _slice(processes: int, local_devices: int | None) -> str:
+    """'2 processes x 1 device' (device count unknown for checkpoints from before it was kept)."""
+    text = _plural(processes, "process", "processes")
+    return text if local_devices is None else f"{text} x {_plural(local_devices, 'device', 'devices')}"
+
+
+def _plural(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
 
 
 def _run_data(config: ml_collections.ConfigDict) -> dict[str, Any]:

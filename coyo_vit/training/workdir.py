@@ -19,7 +19,7 @@ import ml_collections
 from coyo_vit.config_keys import ConfigError
 
 SAFE_RESUME_KEYS = (
-    "total_steps", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
+    "total_steps", "batch_size", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
     "checkpoint_compression", "eval_every_steps", "eval_batch_size", "evals",
     "compilation_cache_dir", "device_prefetch", "mesh", "sharding_rules", "param_sharding", "init",
     "demo_data.out_dir", "demo_digits.out_dir", "input.data.files", "input.data.root",
@@ -29,7 +29,8 @@ SAFE_RESUME_KEYS = (
 """Config keys (a key names its whole section) that a resume may change: how long the run goes,
 how often it logs, evaluates and checkpoints, what it evaluates, where its files are (moved
 data, caches), how the state is laid out on the devices, and `init` (read only at the first
-start). None of them changes what the saved state means or what the next step computes."""
+start). None of them changes what the saved state means. `batch_size` may change too, so that a
+run can continue on a slice of another size (docs/scaling.md); the log notes it."""
 
 CONFIG_FILE = "config.json"
 
