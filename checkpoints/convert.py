@@ -9,6 +9,10 @@ orbax checkpoint directory, or a new folder for transformers (`--to hf`:
 ViTForImageClassification) or timm (`--to timm`: VisionTransformer). `--to` defaults from
 DST's suffix (npz or orbax). An existing DST is an error unless --overwrite (an .npz is replaced
 atomically; directories are never overwritten).
+
+Class names go with the export: `--class_names FILE`, else those saved with SRC (a training
+workdir's class_names.txt, an export's). An .npz gets them beside it (`vit.class_names.txt`),
+an orbax directory inside (`class_names.txt`), transformers / timm folders in their config.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from checkpoints.class_names_files import find_class_names, write_class_names_beside
 from checkpoints.export import export_npz
 from checkpoints.load import load
 from checkpoints.npz_layouts import LAYOUTS, VIT_JAX
@@ -37,7 +42,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--num_heads", type=int, default=None,
                         help="attention heads, for TF checkpoints of non-standard width")
     parser.add_argument("--class_names", default=None,
-                        help="hf/timm: text file with one class name per line (default: the shipped "
+                        help="text file with one class name per line (default: the names saved with "
+                             "SRC, e.g. a workdir's class_names.txt; for hf/timm else the shipped "
                              "ImageNet-21k / 1k names for 21,841 / 1,000 classes, else LABEL_i)")
     parser.add_argument("--problem_type", choices=("single_label_classification", "multi_label_classification"),
                         default=None, help="hf: softmax or sigmoid head (default: multi-label for 21,841 classes)")
@@ -55,20 +61,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     try:
         params, model_kwargs = load(args.src, variant=args.variant, **overrides)
+        names = _class_names(args.class_names, args.src, model_kwargs.get("num_classes"))
     except (FileNotFoundError, ValueError) as err:  # Bad input: the message says what and why.
         print(f"error: {err}", file=sys.stderr)
         return 1
     if target == "npz":
-        export_npz(params, args.dst, layout=args.layout)
-        print(f"wrote {args.dst} ({args.layout} layout); model: {model_kwargs}")
+        export_npz(params, args.dst, layout=args.layout, class_names=names)
+        print(f"wrote {args.dst} ({args.layout} layout){_named(names)}; model: {model_kwargs}")
     elif target in ("hf", "timm"):
         from checkpoints import pytorch_io  # Lazy: needs the safetensors package.
 
         try:
-            names = None
-            if args.class_names:
-                with open(args.class_names, encoding="utf-8") as handle:
-                    names = [line.rstrip("\n") for line in handle if line.strip()]
             if target == "hf":
                 pytorch_io.export_hf(params, args.dst, model_kwargs, names, args.problem_type)
             else:
@@ -81,8 +84,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         from checkpoints.orbax_io import save_params  # Lazy: only orbax output needs it.
 
         save_params(args.dst, params, model_kwargs)
-        print(f"wrote orbax checkpoint {args.dst}; model: {model_kwargs}")
+        if names is not None:
+            write_class_names_beside(args.dst, names)
+        print(f"wrote orbax checkpoint {args.dst}{_named(names)}; model: {model_kwargs}")
     return 0
+
+
+def _class_names(names_file: str | None, src: str, num_classes: int | None) -> list[str] | None:
+    """--class_names FILE, else the names saved with SRC; a count other than the head's is an
+    error for a file given, and ignored (with a warning) for names found beside SRC."""
+    if names_file:
+        with open(names_file, encoding="utf-8") as handle:
+            names = [line.rstrip("\n") for line in handle if line.strip()]
+        if num_classes is not None and len(names) != num_classes:
+            raise ValueError(f"--class_names {names_file} lists {len(names)} names; the head has "
+                             f"{num_classes} classes")
+        return names
+    found = find_class_names(src)
+    if found is None or num_classes is None:
+        return None
+    if len(found) != num_classes:
+        logging.warning("class names saved with %s ignored: %d names for a head of %d classes",
+                        src, len(found), num_classes)
+        return None
+    return list(found)
+
+
+def _named(names: list[str] | None) -> str:
+    return f", with {len(names)} class names" if names else ""
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,16 +18,20 @@ import numpy as np
 from flax.linen import meta
 
 from checkpoints.adapt import unstack_blocks
+from checkpoints.class_names_files import write_class_names_beside
 from checkpoints.npz_layouts import LAYOUTS, POSEMB_KEY, VIT_JAX, flatten_tree, ours_to_npz
 
 log = logging.getLogger(__name__)
 
 
-def export_npz(params: Mapping[str, Any], path: str | Path, layout: str = VIT_JAX) -> Path:
+def export_npz(params: Mapping[str, Any], path: str | Path, layout: str = VIT_JAX,
+               class_names: Sequence[str] | None = None) -> Path:
     """Writes `params` (our tree, boxed or not, loop or scan) to `path` in `layout`.
 
     vit_jax files always get per-layer blocks (that is all vit_jax and timm understand);
-    big_vision files keep the tree's loop or scan layout.
+    big_vision files keep the tree's loop or scan layout. `class_names` (one per head class)
+    go beside it as `<stem>.class_names.txt`, where predict and convert find them: .npz has no
+    place for them that vit_jax or timm would read.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"Unknown .npz layout {layout!r}; valid layouts: {list(LAYOUTS)}.")
@@ -40,8 +44,13 @@ def export_npz(params: Mapping[str, Any], path: str | Path, layout: str = VIT_JA
                              "posemb='sincos2d'; export with layout='big_vision'.")
         flat = unstack_blocks(flat)
     arrays = ours_to_npz(flat, layout)
+    head = arrays.get("head/bias")
+    if class_names is not None and head is not None and len(class_names) != np.shape(head)[0]:
+        raise ValueError(f"{len(class_names)} class names given for a head of {np.shape(head)[0]} classes")
     path = Path(path)
     write_npz_atomically(arrays, path)
+    if class_names is not None:
+        write_class_names_beside(path, class_names)
     log.info("Exported %d arrays to %s (%s layout).", len(arrays), path, layout)
     return path
 

@@ -10,6 +10,7 @@ import csv
 import dataclasses
 import functools
 import io
+from collections.abc import Sequence
 from importlib import resources
 
 # Class counts, spelled once: configs, the label ops, the damage checks and the evaluators
@@ -55,3 +56,49 @@ def class_list_for(num_classes: int | None) -> ClassList | None:
     """The shipped list matching a head size (21841 -> ImageNet-21k, 1000 -> 1k), else None."""
     name = _SIZES.get(int(num_classes or 0))
     return load_class_list(name) if name else None
+
+
+# --------------------------------------------------------------------------- a run's class names
+
+CLASS_NAMES_FILE = "class_names.txt"
+"""A run's class names, one per line in class-index order: saved in its workdir at the first
+start (coyo_vit/training/workdir.py), read by predict and the exports, written beside exports."""
+
+
+def format_class_names(names: Sequence[str]) -> str:
+    """class_names.txt's text; a name that is empty or spans lines could not be read back."""
+    for index, name in enumerate(names):
+        if not name or "\n" in name or "\r" in name:
+            raise ValueError(f"class {index} has name {name!r}; a class name must be one "
+                             f"non-empty line")
+    return "".join(f"{name}\n" for name in names)
+
+
+def parse_class_names(text: str) -> tuple[str, ...]:
+    """The names of a class_names.txt (one per line; a missing final newline is fine)."""
+    text = text.replace("\r\n", "\n")
+    return tuple(text[:-1].split("\n") if text.endswith("\n") else text.split("\n")) if text else ()
+
+
+def readable_names(names: Sequence[str] | None, num_classes: int | None) -> tuple[str, ...] | None:
+    """The names worth saving for a run: the data's own, except that the WordNet ids of the
+    shipped lists (TFDS imagenet2012's label names) become the shipped human-readable names;
+    without data names, the shipped list of the head's size (COYO / ImageNet-21k, 1k); None
+    when neither says more than the index."""
+    if names:
+        shipped = class_list_for(len(names))
+        if shipped is not None and tuple(names) == shipped.wnids:
+            return shipped.names
+        if list(names) != [str(i) for i in range(len(names))]:  # TFDS ClassLabel(num_classes=N)
+            return tuple(names)
+    shipped = class_list_for(num_classes)
+    return shipped.names if shipped is not None else None
+
+
+def class_list_of(names: Sequence[str]) -> ClassList:
+    """Saved names as a ClassList: the shipped list itself (WordNet ids too) when they are its
+    names, else the names alone (wnids empty strings)."""
+    shipped = class_list_for(len(names))
+    if shipped is not None and tuple(names) == shipped.names:
+        return shipped
+    return ClassList("saved", ("",) * len(names), tuple(names))

@@ -189,6 +189,18 @@ def num_classes(data: Any) -> int | None:
     return _make_source(DataSpec.from_config(data)).num_classes
 
 
+def class_names(data: Any) -> tuple[str, ...] | None:
+    """The dataset's class names in label order: an image folder's class directories (sorted,
+    as labelled), a TFDS ClassLabel's names; None when the label feature has none. Lists only
+    directories (no images) and reads only TFDS's dataset info."""
+    spec = DataSpec.from_config(data)
+    if spec.name == "imagefolder":
+        return imagefolder.list_classes(spec.root)
+    features = _tfds_builder(spec.tfds_name, spec.data_dir).info.features
+    names = getattr(features[spec.label_key], "names", None) if spec.label_key in features else None
+    return tuple(names) if names else None
+
+
 def count_examples(data: Any, split: str | None = None) -> int:
     """Examples in the split (data.split unless `split` is given)."""
     source = _make_source(DataSpec.from_config(data).with_split(split))

@@ -45,6 +45,10 @@ class ShardSource:
     def num_classes(self) -> int | None:
         return None  # the pp decides (coyo_labels' class count)
 
+    def class_names(self) -> tuple[str, ...] | None:
+        """None: shards store class indices only (the run's class count picks the shipped list)."""
+        return None
+
     def prepare(self) -> None:
         """Fails fast: a pattern that matches nothing stops here, before anything compiles."""
         sources.list_files(self.config.files)
@@ -139,6 +143,10 @@ class ClassificationSource:
     @property
     def num_classes(self) -> int | None:
         return None
+
+    def class_names(self) -> tuple[str, ...] | None:
+        """The folder's class directories or the TFDS label names, in label order (after prepare)."""
+        return classification_data.class_names(self.config.data)
 
     def prepare(self) -> None:
         """Downloads and prepares a TFDS dataset (call on one process; image folders: nothing)."""

@@ -132,6 +132,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
     for evaluator in later.values():
         evaluator.check_data()
     preemption.check()
+    if is_main:  # class_names.txt, for predict and the exports (written once; other names stop)
+        workdir_record.write_class_names(workdir, source.class_names(), run_cfg.num_classes)
     if is_main and (latest is None or resume_changes):
         # The first start's config.json; a resume that changed safe keys writes config.<step>.json.
         path = workdir_record.write_config(workdir, config, latest)

@@ -1,21 +1,25 @@
-"""A workdir's record of its run: `config.json`, written at the first start and checked on resume.
+"""A workdir's record of its run: `config.json`, written at the first start and checked on
+resume, and `class_names.txt`, the names of the classes the run's head predicts.
 
 A resume may change only the keys in `SAFE_RESUME_KEYS`. Any other difference from the first
 start's `config.json` (the model, the classes, the image size, the loss, the preprocessing, the
 optimizer and schedule, the batch...) stops the run before anything is written, naming each key
 with the checkpoint's value and this run's. An allowed change is written beside the first
 config as `config.<step>.json` (the step resumed from); `config.json` itself is never rewritten
-once the workdir holds a checkpoint.
+once the workdir holds a checkpoint. `class_names.txt` is written once (also into a workdir of
+an older version that lacks it) and never replaced: names that differ stop the run.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ml_collections
 
+from coyo_vit.class_names import CLASS_NAMES_FILE, format_class_names, parse_class_names, readable_names
 from coyo_vit.config_keys import ConfigError
 
 SAFE_RESUME_KEYS = (
@@ -91,6 +95,57 @@ def write_config(workdir: str, config: ml_collections.ConfigDict, resumed_step: 
         f.write(config.to_json_best_effort(indent=2))
     gfile.rename(path + ".tmp", path, overwrite=True)
     return path
+
+
+def write_class_names(workdir: str, data_names: Sequence[str] | None, num_classes: int | None
+                      ) -> str | None:
+    """Saves the names of the run's classes as `workdir`/class_names.txt (process 0), so that
+    predict, the exports and evaluate.py name classes instead of numbering them.
+
+    `data_names` are the training data's (image-folder directories, TFDS label names; None for
+    COYO shards, whose class count picks the shipped 21k / 1k list). Returns the file's path, or
+    None when nothing names the classes or the names do not fit the head. An existing file with
+    other names stops the run (ConfigError) before it writes anything else.
+    """
+    names = readable_names(data_names, num_classes)
+    if names is None:
+        return None
+    if num_classes is not None and len(names) != num_classes:
+        logging.warning("class names not saved: the data has %d classes, config.num_classes is %d",
+                        len(names), num_classes)
+        return None
+    path = os.path.join(workdir, CLASS_NAMES_FILE)
+    gfile = _gfile()
+    if gfile.exists(path):
+        with gfile.GFile(path, "r") as f:
+            saved = parse_class_names(f.read())
+        if saved != tuple(names):
+            first = next((i for i, (a, b) in enumerate(zip(saved, names)) if a != b),
+                         min(len(saved), len(names)))
+            raise ConfigError(
+                f"{path} names {len(saved)} classes and this run's data {len(names)}; they first "
+                f"differ at class {first}: {_name_at(saved, first)} (saved) vs "
+                f"{_name_at(names, first)} (this run). Train in a new --workdir, or move the file "
+                f"away if the data's names are right")
+        return path
+    with gfile.GFile(path + ".tmp", "w") as f:
+        f.write(format_class_names(names))
+    gfile.rename(path + ".tmp", path, overwrite=False)
+    return path
+
+
+def read_class_names(workdir: str) -> tuple[str, ...] | None:
+    """`workdir`/class_names.txt, or None for a workdir without one (written before they were
+    saved, or a run whose classes have no names)."""
+    path = os.path.join(workdir, CLASS_NAMES_FILE)
+    if not _gfile().exists(path):
+        return None
+    with _gfile().GFile(path, "r") as f:
+        return parse_class_names(f.read())
+
+
+def _name_at(names: Sequence[str], index: int) -> str:
+    return repr(names[index]) if index < len(names) else "(none)"
 
 
 def saved_config_file(workdir: str, step: int) -> str | None:

@@ -1,11 +1,13 @@
 """Damaged images in an image folder, made from real JPEG bytes: a truncated JPEG and a 100-byte
 garbage.jpg are skipped and counted like damaged shard records (the first few logged by file
 name), masked in eval batches, and stop a strict run with an error naming the file. One run of
-finetune.py on such a folder goes to the end with them counted (evaluator included)."""
+finetune.py on such a folder goes to the end with them counted (evaluator included), saving the
+folder's class names, which predict and an export then use."""
 from __future__ import annotations
 
 import json
 import logging
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +16,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from checkpoints import convert
+from coyo_vit.tools import predict
 from input_pipeline import classification_data, data_source
 from tests.conftest import REPO
 
@@ -132,7 +136,7 @@ def test_eval_masks_damaged_images_and_marks_them(folder, tmp_path):
 
 
 def test_finetune_on_a_folder_with_damaged_images_runs_to_the_end_counting_them(folder, tmp_path,
-                                                                              shared_fixtures):
+                                                                              shared_fixtures, capsys):
     # The command line of the issue: it once stopped at the first batch with
     # `jpeg::Uncompress failed` and no file name. test/dog/cut.jpg: the evaluator skips one too.
     (folder["root"] / "test" / "dog" / "cut.jpg").write_bytes(
@@ -158,3 +162,21 @@ def test_finetune_on_a_folder_with_damaged_images_runs_to_the_end_counting_them(
     assert (val["val/examples"], val["val/skipped_images"]) == (6.0, 1.0)
     meta = json.load(open(workdir / "checkpoints" / "2" / "meta" / "metadata"))
     assert sum(meta["skipped_by_reason"][0].values()) == train["data/skipped_records"]
+
+    # The same run's class names (issue 19, item 9): the folder's, saved with the run and
+    # printed by predict (it once printed the indices 0 and 1 alone), carried by an export.
+    assert (workdir / "class_names.txt").read_text() == "cat\ndog\n"
+    image = folder["root"] / "test" / "cat" / "img0.jpg"
+    result = subprocess.run(
+        [sys.executable, "-m", "coyo_vit.tools.predict", "--checkpoint", str(workdir), "--top_k", "2",
+         str(image)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert lines[0] == str(image) and len(lines) == 3
+    ranked = [re.fullmatch(r"  [12]\. [01]\.\d{4} +([01]) (cat|dog)", line) for line in lines[1:]]
+    assert all(ranked), lines
+    assert sorted((m[1], m[2]) for m in ranked) == [("0", "cat"), ("1", "dog")]
+    assert convert.main([str(workdir), str(tmp_path / "run.npz")]) == 0
+    assert (tmp_path / "run.class_names.txt").read_text() == "cat\ndog\n"
+    assert predict.main(["--checkpoint", str(tmp_path / "run.npz"), "--top_k", "1", str(image)]) == 0
+    assert re.search(r"  1\. [01]\.\d{4} +[01] (cat|dog)\n", capsys.readouterr().out)
