@@ -35,6 +35,9 @@ def test_finetune_tf_checkpoint_new_resolution_and_classes(tmp_path):
 
     meta = json.load(open(workdir / CHECKPOINT_SUBDIR / "30" / "meta" / "metadata"))
     assert meta["model"]["num_classes"] == 1000
+    # TFDS imagenet2012's label names are WordNet ids: the run saves the shipped 1k names.
+    names = (workdir / "class_names.txt").read_text().splitlines()
+    assert len(names) == 1000 and names[0] == "tench, Tinca tinca"
     state_items = {p.name for p in (workdir / CHECKPOINT_SUBDIR / "30" / "state").iterdir()}
     assert state_items  # written; the EMA weights are part of the state (restore_params prefers them)
 
