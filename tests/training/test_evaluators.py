@@ -173,6 +173,32 @@ def test_classification_top_k_and_loss(imagenet_val):
         "val_ema/top1", "val_ema/top5", "val_ema/loss", "val_ema/examples"}
 
 
+def test_classification_per_class_top1_names_each_class(imagenet_val, tmp_path):
+    # Issue 19, item 9: per-class results name the class (TFDS imagenet2012's WordNet ids become
+    # the shipped readable names, as in the run's class_names.txt).
+    model, params, shardings = _model(1000, {1: 2.0})
+    (evaluator,) = _evaluators({"val": dict(type="classification", data=imagenet_val, pp=PP_1K,
+                                            batch_size=4, per_class=True)}, model, shardings).values()
+    per_class = {k: v for k, v in evaluator.evaluate(params).items() if "/class_top1/" in k}
+    assert per_class == {"val/class_top1/1 goldfish, Carassius auratus": 1.0,
+                         "val/class_top1/2 great white shark, white shark, man-eater, man-eating shark, "
+                         "Carcharodon carcharias": 0.0,
+                         "val/class_top1/3 tiger shark, Galeocerdo cuvieri": 0.0,
+                         "val/class_top1/4 hammerhead, hammerhead shark": 0.0,
+                         "val/class_top1/5 electric ray, crampfish, numbfish, torpedo": 0.0,
+                         "val/class_top1/9 ostrich, Struthio camelus": 0.0,
+                         "val/class_top1/850 teddy, teddy bear": 0.0}
+    with pytest.raises(ValueError, match=r"config.evals.val.per_class must be True or False, got 'yes'"):
+        _evaluators({"val": dict(type="classification", data=imagenet_val, pp=PP_1K, batch_size=4,
+                                 per_class="yes")}, model, shardings)
+    # The metric writers take such keys (spaces, commas) as they are.
+    from coyo_vit.training.metric_logging import MetricLogger  # late: only this test writes logs
+    logger = MetricLogger(str(tmp_path), is_main=True, resume_step=0, batch_size=4)
+    logger.write(1, per_class)
+    logger.close()
+    assert "val/class_top1/1 goldfish, Carassius auratus" in (tmp_path / "metrics.jsonl").read_text()
+
+
 def test_real_accuracy_matches_file_names_to_label_sets(imagenet_val):
     model, params, shardings = _model(1000)
     (evaluator,) = _evaluators({"real": dict(type="real", data=imagenet_val, pp=PP_1K, batch_size=4,

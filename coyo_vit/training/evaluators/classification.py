@@ -13,10 +13,13 @@ Config of a `classification` evaluator (in `config.evals`):
 
     val=dict(type="classification", every_steps=1000, batch_size=512,
              data=dict(name="tfds", tfds_name="imagenet2012", split="validation"),
-             pp="decode|resize(384)|onehot(1000)", top_k=(1, 5))
+             pp="decode|resize(384)|onehot(1000)", top_k=(1, 5), per_class=False)
 
 Results: `{name}/top1`, `{name}/top5` (one per top_k), `{name}/loss` (the training loss on the
-pp's `labels`), `{name}/examples`, and `{name}/skipped_images` when the split holds damaged
+pp's `labels`), `{name}/examples`; with `per_class=True` also the top-1 accuracy of each class
+present in the split, `{name}/class_top1/{index} {class name}` (the data's names: image-folder
+directories, TFDS label names, ImageNet's readable names for its WordNet ids, as the run's
+class_names.txt; the index alone where the data names none); and `{name}/skipped_images` when the split holds damaged
 images (classification data: masked by the pipeline, counted and the first few named in the log
 by `GatheredPass`, as in every evaluator). Needs batch keys image, labels, label, _mask.
 """
@@ -32,6 +35,7 @@ from flax import linen as nn
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
+from coyo_vit.class_names import readable_names
 from coyo_vit.config_keys import check_keys
 from coyo_vit.training import sharding
 from coyo_vit.training.evaluators import metric_math
@@ -210,13 +214,16 @@ class EvalSection:
 class ClassificationEvaluator(EvalSection):
     """Top-k accuracy of the integer `label` and the mean loss over one eval split."""
 
-    KEYS = COMMON_KEYS + ("top_k",)
+    KEYS = COMMON_KEYS + ("top_k", "per_class")
 
     def __init__(self, name: str, config: Any, *, model: nn.Module, mesh: Mesh,
                  params_shardings: Any, loss_fn: LossFn, train_input: Any = None):
         super().__init__(name, config, mesh)
         cfg = self._cfg
         self._top_k = check_top_k(cfg.get("top_k", (1, 5)), name)
+        self._per_class = cfg.get("per_class", False)
+        if not isinstance(self._per_class, bool):
+            raise ValueError(f"config.evals.{name}.per_class must be True or False, got {self._per_class!r}")
         self.label_classes = model.num_classes
 
         def fn(params, batch):
@@ -232,6 +239,7 @@ class ClassificationEvaluator(EvalSection):
         prefix = prefix or self.name
         count, loss = 0, 0.0
         hits = {k: 0 for k in self._top_k}
+        class_seen, class_hits = 0, 0  # per-class counts (per_class), arrays once a batch came
         for out in self._pass.run(params, local_eval_batches(self._data, self._pp, self._local_batch)):
             mask = out["_mask"].astype(bool)
             logits, labels = out["logits"][mask], out["label"][mask]
@@ -241,14 +249,36 @@ class ClassificationEvaluator(EvalSection):
             loss += float(out["loss"][mask].sum())
             for k in self._top_k:
                 hits[k] += int(metric_math.top_k_correct(logits, labels, min(k, logits.shape[1])).sum())
+            if self._per_class:
+                correct = labels[metric_math.top_k_correct(logits, labels, 1).astype(bool)]
+                class_seen = class_seen + np.bincount(labels, minlength=logits.shape[1])
+                class_hits = class_hits + np.bincount(correct, minlength=logits.shape[1])
         if count == 0:
             raise ValueError(f"evaluator {self.name!r}: the eval split has no examples")
         results = {f"{prefix}/top{k}": hits[k] / count for k in self._top_k}
         results.update({f"{prefix}/loss": loss / count, f"{prefix}/examples": float(count)})
+        if self._per_class:
+            names = self._class_names(len(class_seen))
+            results.update({f"{prefix}/class_top1/{label}{names[label]}": float(class_hits[label] / seen)
+                            for label, seen in enumerate(class_seen) if seen})
         damaged = self._pass.damaged_images()
         if damaged:
             results[f"{prefix}/skipped_images"] = float(damaged)
         return results
+
+
+    def _class_names(self, num_classes: int) -> list[str]:
+        """` name` per class index as the per-class keys show it ("" where the data names none)."""
+        # Late, like eval_dataset's: TensorFlow only where data is read.
+        from input_pipeline import classification_data
+
+        data = self.data
+        found = (classification_data.class_names(data)
+                 if classification_data.is_classification_data(data) else None)
+        names = readable_names(found, num_classes)
+        if names is None or len(names) != num_classes:
+            return [""] * num_classes
+        return [f" {name}" for name in names]
 
 
 def check_classes(logits: jax.Array, labels: jax.Array, name: str) -> None:
