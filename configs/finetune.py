@@ -80,7 +80,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     every = max(args["steps"] // 10, 1)
     config.evals = dict(
         val=dict(type="classification", every_steps=every, batch_size=args["batch"],
-                 data=dict(source, split=args["val_split"]), pp=pp_eval, top_k=(1, 5)))
+                 data=dict(source, split=args["val_split"]), pp=pp_eval, top_k=(1, 5),
+                 per_class=False))  # True: each class's top-1, by name
     config.eval_batch_size = args["batch"]
     common.run_control(config, log_every=50, eval_every=0, checkpoint_every=every)
     return config
