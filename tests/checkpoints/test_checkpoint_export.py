@@ -147,3 +147,27 @@ def test_failed_write_leaves_the_old_file_and_no_temp_file(fixture_model, tmp_pa
     export_npz(fixture_model[0], target)
     assert sorted(_read(target)) == sorted(_read(NPZ / "params.npz"))
     assert os.listdir(tmp_path) == ["model.npz"]
+
+
+def test_convert_carries_class_names_beside_or_inside_the_export(tmp_path, capsys):
+    # Issue 19, item 9: names given once (or saved with a workdir) follow every export, where
+    # predict finds them: beside an .npz, inside an orbax directory.
+    from checkpoints.class_names_files import find_class_names  # late: only this test reads them
+
+    names = [f"class {i}" for i in range(10)]  # the fixture's head has 10 classes
+    (tmp_path / "names.txt").write_text("".join(f"{n}\n" for n in names))
+    assert convert_main([str(NPZ / "params.npz"), str(tmp_path / "a.npz"),
+                         "--class_names", str(tmp_path / "names.txt")]) == 0
+    assert "with 10 class names" in capsys.readouterr().out
+    assert (tmp_path / "a.class_names.txt").read_text() == (tmp_path / "names.txt").read_text()
+    assert convert_main([str(tmp_path / "a.npz"), str(tmp_path / "orbax"), "--to", "orbax"]) == 0
+    assert (tmp_path / "orbax" / "class_names.txt").is_file()
+    assert convert_main([str(tmp_path / "orbax"), str(tmp_path / "b.npz"), "--layout", "big_vision"]) == 0
+    assert find_class_names(tmp_path / "b.npz") == tuple(names)
+    assert convert_main([str(NPZ / "params.npz"), str(tmp_path / "plain.npz")]) == 0
+    assert find_class_names(tmp_path / "plain.npz") is None  # nothing to carry: no file
+    (tmp_path / "three.txt").write_text("a\nb\nc\n")
+    assert convert_main([str(NPZ / "params.npz"), str(tmp_path / "c.npz"),
+                         "--class_names", str(tmp_path / "three.txt")]) == 1
+    assert f"--class_names {tmp_path / 'three.txt'} lists 3 names; the head has 10 classes" in capsys.readouterr().err
+    assert not (tmp_path / "c.npz").exists()
