@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -160,26 +161,18 @@ def test_classification_top_k_and_loss(imagenet_val):
     bias = {1: 2.0, 4: 1.5, 9: 1.0}
     model, params, shardings = _model(1000, bias)
     (evaluator,) = _evaluators({"val": dict(type="classification", data=imagenet_val, pp=PP_1K,
-                                            batch_size=4, every_steps=10)}, model, shardings).values()
+                                            batch_size=4, every_steps=10, per_class=True)},
+                               model, shardings).values()
     results = evaluator.evaluate(params)
+    per_class = {k: results.pop(k) for k in list(results) if "/class_top1/" in k}
     # Every image predicts 1; the top 5 are 1, 4, 9, then the tied zeros 0 and 2.
     logits = np.zeros(1000)
     logits[list(bias)] = list(bias.values())
     loss = np.mean([np.log(np.exp(logits).sum()) - logits[label] for label in LABELS])
     assert results == pytest.approx({"val/top1": 2 / 8, "val/top5": 5 / 8, "val/loss": loss,
                                      "val/examples": 8.0}, rel=1e-5)
-    assert evaluator.every_steps == 10
-    assert set(evaluator.evaluate(params, prefix="val_ema")) == {
-        "val_ema/top1", "val_ema/top5", "val_ema/loss", "val_ema/examples"}
-
-
-def test_classification_per_class_top1_names_each_class(imagenet_val, tmp_path):
-    # Issue 19, item 9: per-class results name the class (TFDS imagenet2012's WordNet ids become
-    # the shipped readable names, as in the run's class_names.txt).
-    model, params, shardings = _model(1000, {1: 2.0})
-    (evaluator,) = _evaluators({"val": dict(type="classification", data=imagenet_val, pp=PP_1K,
-                                            batch_size=4, per_class=True)}, model, shardings).values()
-    per_class = {k: v for k, v in evaluator.evaluate(params).items() if "/class_top1/" in k}
+    # per_class (issue 19, item 9): each class of the split by index and name (TFDS
+    # imagenet2012's WordNet ids become the shipped readable names, as in class_names.txt).
     assert per_class == {"val/class_top1/1 goldfish, Carassius auratus": 1.0,
                          "val/class_top1/2 great white shark, white shark, man-eater, man-eating shark, "
                          "Carcharodon carcharias": 0.0,
@@ -188,13 +181,20 @@ def test_classification_per_class_top1_names_each_class(imagenet_val, tmp_path):
                          "val/class_top1/5 electric ray, crampfish, numbfish, torpedo": 0.0,
                          "val/class_top1/9 ostrich, Struthio camelus": 0.0,
                          "val/class_top1/850 teddy, teddy bear": 0.0}
+    assert evaluator.every_steps == 10
+    assert {k for k in evaluator.evaluate(params, prefix="val_ema") if "/class_top1/" not in k} == {
+        "val_ema/top1", "val_ema/top5", "val_ema/loss", "val_ema/examples"}
+
+
+def test_per_class_keys_are_checked_and_logged_as_they_are(imagenet_val, tmp_path):
     with pytest.raises(ValueError, match=r"config.evals.val.per_class must be True or False, got 'yes'"):
+        # Checked before the model is used: a stand-in with a class count is enough.
         _evaluators({"val": dict(type="classification", data=imagenet_val, pp=PP_1K, batch_size=4,
-                                 per_class="yes")}, model, shardings)
-    # The metric writers take such keys (spaces, commas) as they are.
+                                 per_class="yes")}, SimpleNamespace(num_classes=1000), None)
+    # The metric writers (TensorBoard, metrics.jsonl) take such keys, spaces and commas included.
     from coyo_vit.training.metric_logging import MetricLogger  # late: only this test writes logs
     logger = MetricLogger(str(tmp_path), is_main=True, resume_step=0, batch_size=4)
-    logger.write(1, per_class)
+    logger.write(1, {"val/class_top1/1 goldfish, Carassius auratus": 1.0})
     logger.close()
     assert "val/class_top1/1 goldfish, Carassius auratus" in (tmp_path / "metrics.jsonl").read_text()
 
