@@ -84,13 +84,12 @@ def readable_names(names: Sequence[str] | None, num_classes: int | None) -> tupl
     """The names worth saving for a run: the data's own, except that the WordNet ids of the
     shipped lists (TFDS imagenet2012's label names) become the shipped human-readable names;
     without data names, the shipped list of the head's size (COYO / ImageNet-21k, 1k); None
-    when neither says more than the index."""
+    when neither names the classes."""
     if names:
         shipped = class_list_for(len(names))
         if shipped is not None and tuple(names) == shipped.wnids:
             return shipped.names
-        if list(names) != [str(i) for i in range(len(names))]:  # TFDS ClassLabel(num_classes=N)
-            return tuple(names)
+        return tuple(names)
     shipped = class_list_for(num_classes)
     return shipped.names if shipped is not None else None
 

@@ -191,14 +191,17 @@ def num_classes(data: Any) -> int | None:
 
 def class_names(data: Any) -> tuple[str, ...] | None:
     """The dataset's class names in label order: an image folder's class directories (sorted,
-    as labelled), a TFDS ClassLabel's names; None when the label feature has none. Lists only
+    as labelled; digits' "0".."9" too), a TFDS ClassLabel's names; None when the label feature
+    has none or only numbers them (`ClassLabel(num_classes=N)` names class i "i"). Lists only
     directories (no images) and reads only TFDS's dataset info."""
     spec = DataSpec.from_config(data)
     if spec.name == "imagefolder":
         return imagefolder.list_classes(spec.root)
     features = _tfds_builder(spec.tfds_name, spec.data_dir).info.features
     names = getattr(features[spec.label_key], "names", None) if spec.label_key in features else None
-    return tuple(names) if names else None
+    if not names or list(names) == [str(i) for i in range(len(names))]:
+        return None
+    return tuple(names)
 
 
 def count_examples(data: Any, split: str | None = None) -> int:

@@ -4,6 +4,8 @@ command line end to end: tests/input_pipeline/test_damaged_images.py (finetune.p
 folder, then predict and convert) and tests/training/test_finetune.py (TFDS imagenet2012)."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from checkpoints.class_names_files import find_class_names, names_file_for, write_class_names_beside
@@ -19,7 +21,7 @@ def test_the_names_a_run_saves():
     assert readable_names(("roses", "tulips"), 2) == ("roses", "tulips")
     assert readable_names(in1k.wnids, 1000) == in1k.names  # TFDS imagenet2012's label names
     assert readable_names(None, 21841) == in21k.names  # COYO shards: indices only
-    assert readable_names(("0", "1", "2"), 3) is None  # TFDS ClassLabel(num_classes=3)
+    assert readable_names(("0", "1", "2"), 3) == ("0", "1", "2")  # e.g. the digits folder
     assert readable_names(None, 10) is None
 
 
@@ -45,6 +47,18 @@ def test_tfds_label_names_in_label_order(tmp_path):
     names = classification_data.class_names(data)
     assert names == load_class_list("imagenet1k").wnids
     assert readable_names(names, 1000)[0] == "tench, Tinca tinca"
+
+
+def test_tfds_labels_that_only_number_the_classes_are_no_names(monkeypatch):
+    import tensorflow_datasets as tfds  # late: TensorFlow only for the tests that need it
+
+    features = {"label": tfds.features.ClassLabel(num_classes=3)}
+    monkeypatch.setattr(classification_data, "_tfds_builder",
+                        lambda name, data_dir: SimpleNamespace(info=SimpleNamespace(features=features)))
+    data = dict(name="tfds", tfds_name="numbered", split="train")
+    assert classification_data.class_names(data) is None
+    features["label"] = tfds.features.ClassLabel(names=["no", "yes"])
+    assert classification_data.class_names(data) == ("no", "yes")
 
 
 def test_image_folder_names_are_the_union_of_every_splits_classes(tmp_path):
