@@ -134,16 +134,6 @@ def write_class_names(workdir: str, data_names: Sequence[str] | None, num_classe
     return path
 
 
-def read_class_names(workdir: str) -> tuple[str, ...] | None:
-    """`workdir`/class_names.txt, or None for a workdir without one (written before they were
-    saved, or a run whose classes have no names)."""
-    path = os.path.join(workdir, CLASS_NAMES_FILE)
-    if not _gfile().exists(path):
-        return None
-    with _gfile().GFile(path, "r") as f:
-        return parse_class_names(f.read())
-
-
 def _name_at(names: Sequence[str], index: int) -> str:
     return repr(names[index]) if index < len(names) else "(none)"
 

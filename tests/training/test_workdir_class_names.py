@@ -33,7 +33,7 @@ def test_a_workdirs_names_are_written_once_and_never_replaced(tmp_path):
                                           r"\(this run\)\. Train in a new --workdir"):
         workdir_record.write_class_names(str(tmp_path), ("daisy", "tulip"), 2)
     assert open(path).read() == "daisy\nrose\n"
-    assert workdir_record.read_class_names(str(tmp_path)) == ("daisy", "rose")
+    assert find_class_names(tmp_path) == ("daisy", "rose")
     # Nothing to name, or names that do not fit the head: no file.
     assert workdir_record.write_class_names(str(tmp_path / "b"), None, 10) is None
     assert workdir_record.write_class_names(str(tmp_path / "c"), ("a", "b", "c"), 2) is None
