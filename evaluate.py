@@ -31,8 +31,6 @@ import os
 import tempfile
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # before anything imports TensorFlow
-
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -8,13 +8,9 @@ The same loop and flags as train.py (coyo_vit.training.loop). `config.init` is r
 checkpoints.load, which replaces the head for `config.num_classes`, keeps or drops the
 pre-logits layer and resizes the position embeddings to `config.image_size`.
 """
-import os
+from absl import flags
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # before anything imports TensorFlow
-
-from absl import flags  # noqa: E402
-
-from coyo_vit.training import cli, run_config  # noqa: E402
+from coyo_vit.training import cli, run_config  # cli.run sets TF's log level before TF starts
 
 flags.adopt_module_key_flags(run_config)  # --help lists --config, --workdir, ... (defined there)
 

@@ -7,13 +7,9 @@ r"""Pretrain a ViT on COYO-Labeled-300M shards (or the embedded demo data).
 Starting again in a workdir that holds a checkpoint resumes from it. Any config value can be
 overridden with --config.key=value; unknown keys are an error.
 """
-import os
+from absl import flags
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # before anything imports TensorFlow
-
-from absl import flags  # noqa: E402
-
-from coyo_vit.training import cli, run_config  # noqa: E402
+from coyo_vit.training import cli, run_config  # cli.run sets TF's log level before TF starts
 
 flags.adopt_module_key_flags(run_config)  # --help lists --config, --workdir, ... (defined there)
 

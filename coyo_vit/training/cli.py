@@ -6,9 +6,14 @@ or a bad config argument then ends in chained tracebacks. Here any such error is
 stderr, `error: <what is wrong, and what would be valid>`, and exit status 2, before `main` runs;
 an unknown key names the nearest valid ones (coyo_vit.config_keys.check_keys). A ConfigError
 that `main` raises (run_config.parse's checks of the config) is reported the same way.
+
+It also sets how much the libraries below print (`quiet_libraries`): at absl's default
+`--verbosity=0` only what a user needs; `--verbosity=1` everything.
 """
 from __future__ import annotations
 
+import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -24,11 +29,19 @@ CONFIG_FLAG = "config"
 # (OSError). Anything else during parsing is a bug and keeps its traceback.
 _USAGE_ERRORS = (flags.Error, ValueError, KeyError, AttributeError, OSError)
 _CONFIG_FILE_ERROR = "Error whilst parsing config file"
+VERBOSE = 1  # --verbosity from which the libraries' own chatter is shown too
+# TF_CPP_MIN_LOG_LEVEL at default verbosity. 3 hides TensorFlow's and XLA's C++ logs up to ERROR:
+# those a run prints are per record (libjpeg's `Premature end of JPEG data` for each truncated
+# image, which the skip counts already report) or start-up notes (oneDNN, CPU features), and an
+# error that stops a run is raised in Python with its message. It is set whatever the environment
+# says: importing jax already set it to 1 (jax/__init__.py), so a user's value cannot be told apart.
+_QUIET_NATIVE_LEVEL = "3"
 
 
 def run(main: Callable[[list[str]], Any]) -> None:
     """`app.run(main)`; flag errors, and a ConfigError raised by `main`, print one line."""
     def main_reporting_config_errors(argv: list[str]) -> Any:
+        quiet_libraries(flags.FLAGS["verbosity"].value)
         try:
             return main(argv)
         except ConfigError as err:
@@ -36,6 +49,18 @@ def run(main: Callable[[list[str]], Any]) -> None:
             sys.exit(2)
 
     app.run(main_reporting_config_errors, flags_parser=parse_flags)
+
+
+def quiet_libraries(verbosity: int) -> None:
+    """Below `VERBOSE`, hides the libraries' notes a user need not read; from it, shows all.
+
+    Runs after the flags are parsed and before TensorFlow or a JAX backend starts (the scripts
+    import neither before `main`): both read TF_CPP_MIN_LOG_LEVEL when they start. JAX logs its
+    search for a TPU (`Unable to initialize backend 'tpu'`) at INFO on every CPU or GPU host.
+    """
+    verbose = verbosity >= VERBOSE
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0" if verbose else _QUIET_NATIVE_LEVEL
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.NOTSET if verbose else logging.WARNING)
 
 
 def parse_flags(argv: Sequence[str]) -> list[str]:

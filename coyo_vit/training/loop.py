@@ -203,14 +203,17 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
                                for k, v in jax.tree.map(lambda *xs: np.stack(xs), *host_metrics).items()}
                     pending.clear()
                     scalars["data/skipped_records"] = sum(data_state["skipped"])
+                    # Per-reason counts only where non-zero, all of them with --verbosity=1 (DEBUG).
+                    every_count = logging.getLogger().isEnabledFor(logging.DEBUG)
                     scalars.update({f"data/{key}": float(sum(values)) for key, values in data_state.items()
-                                    if key.startswith("skipped/") and sum(values)})
+                                    if key.startswith("skipped/") and (sum(values) or every_count)})
                     scalars = logger.write(step, scalars)
                     if is_main:
-                        logging.info("step %d/%d  loss %.4f  lr %.3g  %.1f img/s  (skipped %d bad records)",
+                        skipped = int(scalars["data/skipped_records"])
+                        logging.info("step %d/%d  loss %.4f  lr %.3g  %.1f img/s%s",
                                      step, total, scalars["train/loss"], scalars["train/lr"],
                                      scalars.get("train/images_per_sec", float("nan")),
-                                     scalars["data/skipped_records"])
+                                     f"  (skipped {skipped} bad records)" if skipped else "")
 
                 # Saved before the evaluations: one that fails must not cost this step's checkpoint.
                 if save:

@@ -1,7 +1,8 @@
 """Where metrics go: TensorBoard and the console (clu metric writers) and WORKDIR/metrics.jsonl,
 and the progress line (clu's ReportProgress: steps/s, share done, ETA).
 
-Only process 0 writes files; other processes log to their console only. On resume, lines of
+Only process 0 writes files and prints metrics and progress: the other processes hold the same
+numbers, and N copies of each line would bury everything else. On resume, lines of
 metrics.jsonl beyond the restored step (and a line a killed run left half-written) are dropped so
 the file reads as one uninterrupted run. Files go through tf.io.gfile, so a gs:// workdir gets its
 metrics.jsonl in the bucket like its checkpoints and TensorBoard logs (file access only: it
@@ -38,8 +39,10 @@ class MetricLogger:
         self._batch_size = batch_size
         self._rate: dict[str, float] = {}
         self._rate_step = -1
-        self._writer = metric_writers.create_default_writer(
-            os.path.join(workdir, "tensorboard"), just_logging=not is_main, asynchronous=False)
+        self._is_main = is_main
+        self._writer = (metric_writers.create_default_writer(
+            os.path.join(workdir, "tensorboard"), asynchronous=False) if is_main
+            else metric_writers.MultiWriter([]))
         self._jsonl = None
         if is_main:
             path = os.path.join(workdir, METRICS_FILE)
@@ -47,8 +50,10 @@ class MetricLogger:
             self._jsonl = _gfile().GFile(path, "a")
 
     def progress(self, total_steps: int, every_steps: int) -> periodic_actions.ReportProgress:
-        """clu's progress reporter (logs rate, share done and ETA) writing its rate through here."""
-        return periodic_actions.ReportProgress(num_train_steps=total_steps, every_steps=every_steps,
+        """clu's progress reporter (logs rate, share done and ETA) writing its rate through here;
+        on processes other than 0 it only times (the rate is process 0's to report)."""
+        reporter = periodic_actions.ReportProgress if self._is_main else _SilentProgress
+        return reporter(num_train_steps=total_steps, every_steps=every_steps,
                                                every_secs=None, writer=self)
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
@@ -80,6 +85,13 @@ class MetricLogger:
         self._writer.close()
         if self._jsonl is not None:
             self._jsonl.close()
+
+
+class _SilentProgress(periodic_actions.ReportProgress):
+    """ReportProgress that keeps its clock and timed parts but logs and writes nothing."""
+
+    def _apply(self, step: int, t: float) -> None:
+        del step, t
 
 
 def _truncate_after(path: str, step: int) -> None:

@@ -43,7 +43,8 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         jax.distributed.initialize()
     elif os.environ.get("COYO_VIT_DISTRIBUTED") == "auto":
         jax.distributed.initialize()  # TPU pod slices and other clusters JAX detects itself
-    logging.getLogger().setLevel(logging.INFO)
+    if logging.getLogger().getEffectiveLevel() > logging.INFO:  # --verbosity=1 (DEBUG) stays
+        logging.getLogger().setLevel(logging.INFO)
     logging.getLogger("absl").addFilter(_quiet_orbax_info)
     logging.info("JAX %s: process %d of %d, devices %s", jax.__version__, jax.process_index(),
                  jax.process_count(), jax.devices())

@@ -36,6 +36,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -268,6 +269,7 @@ def _generate(out: Path, params: _Params) -> None:
     _clear_demo_files(out)
     damaged = {int(i): n % 2 for n, i in enumerate(_damaged_indices(params))}
     shards = []
+    progress = _Progress(params.num_images, out)
     for shard in range(params.num_shards):
         start = time.time()
         records = _shard_records(params, shard, damaged)
@@ -278,6 +280,7 @@ def _generate(out: Path, params: _Params) -> None:
         shards.append({"file": path.name, "stats_file": f"{name}_stats.json",
                        "count": len(records), "bytes": path.stat().st_size,
                        "sha256": _file_sha256(path)})
+        progress.done(len(records))
     manifest = {
         "description": "coyo_vit demo shards (img2dataset tfrecord layout), drawn by "
                        "input_pipeline/demo/shards.py",
@@ -289,6 +292,22 @@ def _generate(out: Path, params: _Params) -> None:
         "shards": shards,
     }
     _write_atomic(out / MANIFEST_NAME, json.dumps(manifest, indent=2).encode())
+
+
+class _Progress:
+    """One log line per shard written: images so far, rate and time left (a first run waits
+    on this for a minute or more before training starts; silence would look like a hang)."""
+
+    def __init__(self, total: int, out: Path):
+        self._total, self._written, self._start = total, 0, time.monotonic()
+        logging.info("demo data: drawing %d images into %s", total, out)
+
+    def done(self, images: int) -> None:
+        self._written += images
+        rate = self._written / max(time.monotonic() - self._start, 1e-9)
+        left = (self._total - self._written) / rate
+        logging.info("demo data: %d/%d images (%.0f%%), %.0f images/s, ETA %.0fs", self._written,
+                     self._total, 100 * self._written / self._total, rate, left)
 
 
 def ensure_demo_shards(out_dir: str, *, num_images: int = 4096, images_per_shard: int = 512,
@@ -321,6 +340,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--image_size", type=int, default=64, help="side of the square images")
     parser.add_argument("--seed", type=int, default=0, help="same seed, same bytes")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the progress lines
     start = time.time()
     try:
         paths = ensure_demo_shards(args.out_dir, num_images=args.num_images,

@@ -304,9 +304,10 @@ def parquet_rows(path: str) -> int:
     return sources.open_parquet(path).metadata.num_rows
 
 
-def parquet_batches(path: str, stats: Stats) -> Iterator[Batch]:
-    """Batches of a metadata or img2dataset parquet file (failed img2dataset rows counted in
-    stats.statuses and left out)."""
+def parquet_batches(path: str, stats: Stats) -> Iterator[tuple[int, Batch]]:
+    """(rows read, batch) over a metadata or img2dataset parquet file: failed img2dataset rows
+    are counted in stats.statuses and left out of the batch, but not out of the rows read, which
+    is what the progress bar's total (the files' row counts) counts too."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -316,13 +317,14 @@ def parquet_batches(path: str, stats: Stats) -> Iterator[Batch]:
     columns = [c for c in wanted if c in present]
     for batch in parquet.iter_batches(batch_size=_BATCH_ROWS, columns=columns):
         table = pa.Table.from_batches([batch])
+        read = table.num_rows
         if "status" in present:
             status = table.column("status")
             for item in pc.value_counts(status).to_pylist():
                 key = str(item["values"])
                 stats.statuses[key] = stats.statuses.get(key, 0) + int(item["counts"])
             table = table.filter(pc.equal(status, "success"))
-        yield _arrow_batch(table)
+        yield read, _arrow_batch(table)
 
 
 def _arrow_batch(table) -> Batch:
@@ -375,9 +377,9 @@ def compute(paths: Sequence[str], thresholds: Sequence[float] = DEFAULT_THRESHOL
     total = sum(parquet_rows(p) for p in parquets) if parquets and not tfrecords else None
     bar = _progress(total, progress)
     for path in parquets:
-        for batch in parquet_batches(path, stats):
+        for read, batch in parquet_batches(path, stats):
             stats.add(batch)
-            bar(len(batch.lengths))
+            bar(read)
     if tfrecords:
         for batch in tfrecord_batches(tfrecords):
             stats.add(batch)

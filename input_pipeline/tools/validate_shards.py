@@ -17,6 +17,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import json
+import math
 import multiprocessing
 import sys
 import time
@@ -28,6 +29,7 @@ from google.protobuf.message import DecodeError
 from input_pipeline import damage, ops_image, sources
 
 _EXAMPLES_PER_REASON = 5
+PIPE_PROGRESS_SECONDS = 10.0  # progress line interval when stderr is not a terminal
 
 
 class DamagedRecord(Exception):
@@ -169,12 +171,25 @@ def scan(files: Sequence[str], num_classes: int = damage.NUM_CLASSES, decode: bo
     """Report over `files`, scanned by `workers` processes (1 = in this process)."""
     total = Report()
     started = time.monotonic()
+    # A terminal gets one line rewritten in place; a log file or pipe whole lines, at most one
+    # per PIPE_PROGRESS_SECONDS (and the last), since `\r` there piles up into one long line.
+    terminal = sys.stderr.isatty()
+    last_line = -math.inf
 
     def tick(done: int) -> None:
-        if progress:
-            rate = total.records / max(time.monotonic() - started, 1e-9)
-            print(f"\r{done}/{len(files)} files, {total.records:,} records, {rate:,.0f} records/s",
-                  end="", file=sys.stderr, flush=True)
+        nonlocal last_line
+        if not progress:
+            return
+        now = time.monotonic()
+        if not terminal and now - last_line < PIPE_PROGRESS_SECONDS and done < len(files):
+            return
+        last_line = now
+        rate = total.records / max(now - started, 1e-9)
+        line = f"{done}/{len(files)} files, {total.records:,} records, {rate:,.0f} records/s"
+        if terminal:
+            print(f"\r{line}", end="", file=sys.stderr, flush=True)
+        else:
+            print(line, file=sys.stderr, flush=True)
 
     if workers <= 1:
         for done, path in enumerate(files, 1):
@@ -191,8 +206,8 @@ def scan(files: Sequence[str], num_classes: int = damage.NUM_CLASSES, decode: bo
                 tick(done)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
-    if progress:
-        print(file=sys.stderr)
+    if progress and terminal:
+        print(file=sys.stderr)  # ends the line rewritten in place
     return total
 
 

@@ -8,6 +8,8 @@ a TFRecord file truncated mid-record, a TFRecord file with a bad checksum.
 from __future__ import annotations
 
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +18,7 @@ import tensorflow as tf
 
 from input_pipeline import damage, pipeline, skip_accounting, sources
 from input_pipeline.tools import validate_shards
-from tests.conftest import SHARED
+from tests.conftest import REPO, SHARED
 
 SHARDS = SHARED / "fixtures" / "coyo_shards" / "shards"
 PP_TRAIN = 'decode_jpeg_and_inception_crop(16)|value_range(-1, 1)|coyo_labels("soft")'
@@ -153,6 +155,16 @@ def test_validator_strict_stops_at_the_first_with_file_and_index(damaged, capsys
 def test_validator_passes_the_real_shards():
     report = validate_shards.scan(sources.list_files(str(SHARDS)))
     assert (report.records, report.usable, sum(report.counts.values())) == (145, 145, 0)
+
+
+def test_validator_progress_into_a_pipe_is_whole_lines():
+    # A log file or pipe once got one endless line of `\r`-separated updates.
+    result = subprocess.run([sys.executable, "-m", "input_pipeline.tools.validate_shards",
+                             "--no_decode", str(SHARDS)], cwd=REPO, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "\r" not in result.stderr
+    assert result.stderr.splitlines()[-1].startswith("4/4 files, 145 records, "), result.stderr
 
 
 # ------------------------------------------------------------------ training, default mode

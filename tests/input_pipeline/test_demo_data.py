@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -159,10 +160,16 @@ def test_concepts_are_real_imagenet21k_classes():
     assert len({c.index for c in concepts}) == len({c.rgb for c in concepts}) == len(concepts)
 
 
-def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path, small):
-    again = demo_data.ensure_demo_shards(str(tmp_path / "a"), num_images=300,
-                                         images_per_shard=100, seed=3)
+def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path, small, caplog):
+    with caplog.at_level(logging.INFO):
+        again = demo_data.ensure_demo_shards(str(tmp_path / "a"), num_images=300,
+                                             images_per_shard=100, seed=3)
     assert len(again) == 3
+    # Writing shows progress: one line per shard with the count, the rate and the time left.
+    progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("demo data: ")]
+    assert [line.split(" images")[0] for line in progress[1:]] == [
+        "demo data: 100/300", "demo data: 200/300", "demo data: 300/300"], progress
+    assert "images/s, ETA " in progress[-1]
     assert _dir_bytes(tmp_path / "a") == _dir_bytes(small)
     demo_data.ensure_demo_shards(str(tmp_path / "b"), num_images=300, images_per_shard=100,
                                  seed=4)

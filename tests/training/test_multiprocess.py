@@ -59,6 +59,10 @@ def test_two_process_preemption_and_exact_resume(tmp_path):
     reference = subprocess.run(_train(tmp_path / "reference"), cwd=REPO, env=_env(),
                                capture_output=True, text=True, timeout=600)
     assert reference.returncode == 0, reference.stderr[-3000:]
+    # Only process 0 prints metrics and progress (launch_local prefixes each line with [rank]).
+    lines = (reference.stdout + reference.stderr).splitlines()
+    metric_lines = [line for line in lines if "train/loss=" in line or " steps/s, " in line]
+    assert metric_lines and all(line.startswith("[0] ") for line in metric_lines), metric_lines
 
     workdir = tmp_path / "preempted"
     launcher = subprocess.Popen(_train(workdir), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,

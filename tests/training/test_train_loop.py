@@ -305,6 +305,10 @@ def test_rerunning_a_finished_run_says_so_at_once(reference_run, demo_dir):
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"already finished at step {STEPS}" in result.stderr
     assert "Model:" not in result.stderr and "Steps compiled" not in result.stderr
+    assert "Unable to initialize backend" not in result.stderr  # JAX's note, default output
+    verbose = _run(_train_cmd(reference_run, demo_dir, "--verbosity=1"))
+    assert verbose.returncode == 0, verbose.stderr[-3000:]
+    assert "Unable to initialize backend 'tpu'" in verbose.stderr  # --verbosity=1: everything
     assert _snapshot(reference_run) == before
 
 
