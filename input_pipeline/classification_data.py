@@ -49,14 +49,14 @@ file. Eval batches mask damaged images (`_mask` False) and mark them in `_damage
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from typing import Any, Mapping
 
 import tensorflow as tf
 
-from coyo_vit.config_keys import check_keys
+from coyo_vit import input_config
+from coyo_vit.input_config import ClassificationInputConfig, DataSpec, check_int
 from input_pipeline import (
     damage,
     imagefolder,
@@ -64,10 +64,7 @@ from input_pipeline import (
     pp_parser,
 )
 from input_pipeline.dataset_common import (
-    as_dict,
-    check_int,
     check_process,
-    check_reading_options,
     check_seed,
     dataset_options,
     errors_before_progress,
@@ -77,84 +74,12 @@ from input_pipeline.dataset_common import (
 )
 from input_pipeline.skip_accounting import SkipNames, SkipScan
 
-SOURCES = ("tfds", "imagefolder")
-_DATA_KEYS = {
-    "tfds": ("name", "tfds_name", "split", "data_dir", "manual_dir", "image_key", "label_key",
-             "file_name_key"),
-    "imagefolder": ("name", "root", "split"),
-}
-_INPUT_KEYS = ("data", "pp_train", "pp_eval", "shuffle_buffer", "cycle_length",
-               "num_parallel_calls", "prefetch", "ram_budget_gb", "strict")
+# The input section is parsed TensorFlow-free in coyo_vit/input_config.py (run_config checks a
+# whole config before TensorFlow is imported); these names stay importable from here.
+SOURCES = input_config.SOURCES
+is_classification_data = input_config.is_classification_data
 _INT64_MAX = 2**63 - 1
 _SHUFFLE_STREAM = 2  # folded into the seed: the stream of per-epoch shuffle seeds
-
-
-@dataclasses.dataclass(frozen=True)
-class DataSpec:
-    """The `data` section: where examples come from (see the module docstring for keys)."""
-    name: str
-    split: str
-    tfds_name: str | None = None
-    data_dir: str | None = None
-    manual_dir: str | None = None
-    image_key: str = "image"
-    label_key: str = "label"
-    file_name_key: str = "file_name"
-    root: str | None = None
-
-    @classmethod
-    def from_config(cls, data: Any) -> "DataSpec":
-        if isinstance(data, cls):
-            return data
-        values = as_dict(data, "input config 'data'")
-        name = values.get("name")
-        if name not in SOURCES:
-            raise ValueError(f"input data name {name!r} is not a classification source; valid: "
-                             f"{', '.join(SOURCES)} (COYO shards use input_pipeline.pipeline)")
-        check_keys(values, _DATA_KEYS[name], f"input config 'data' (name={name!r})")
-        if not isinstance(values.get("split"), str) or not values["split"]:
-            raise ValueError(f"input data needs split, e.g. 'train' or 'validation', got "
-                             f"{values.get('split')!r}")
-        required = "tfds_name" if name == "tfds" else "root"
-        if not isinstance(values.get(required), str) or not values[required]:
-            raise ValueError(f"input data with name={name!r} needs {required}, got "
-                             f"{values.get(required)!r}")
-        return cls(**{k: v for k, v in values.items() if v is not None})
-
-    def with_split(self, split: str | None) -> "DataSpec":
-        return self if split is None else dataclasses.replace(self, split=split)
-
-
-@dataclasses.dataclass(frozen=True)
-class ClassificationInputConfig:
-    """The input section of a fine-tuning config, validated once; unknown keys are errors."""
-    data: DataSpec
-    pp_train: str | None = None
-    pp_eval: str | None = None
-    shuffle_buffer: int = 10_000
-    cycle_length: int = 16
-    num_parallel_calls: int = -1
-    prefetch: int = 2
-    ram_budget_gb: float | None = None
-    strict: bool = False  # stop at the first damaged image instead of skipping it
-
-    @classmethod
-    def from_config(cls, config: Any) -> "ClassificationInputConfig":
-        if isinstance(config, cls):  # already parsed (a run parses its input once)
-            return config
-        values = as_dict(config, "input config")
-        check_keys(values, _INPUT_KEYS, "input config")
-        data = DataSpec.from_config(values.pop("data", None))
-        cfg = cls(data=data, **{k: v for k, v in values.items() if v is not None})
-        check_reading_options(cfg)
-        if not isinstance(cfg.strict, bool):
-            raise ValueError(f"strict must be True or False, got {cfg.strict!r}")
-        return cfg
-
-
-def is_classification_data(data: Any) -> bool:
-    """True when a `data` section names a source of this module (else: COYO shards)."""
-    return as_dict(data, "input config 'data'").get("name") in SOURCES
 
 
 def prepare(data: Any) -> None:

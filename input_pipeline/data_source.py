@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from coyo_vit.config_keys import ConfigError
+from coyo_vit.input_config import parse_input  # noqa: F401  (the input section's parser, TF-free)
 from input_pipeline import classification_data, pipeline, relayout, sources
 from input_pipeline.skip_accounting import SkipCounter, SkipNames
 
@@ -200,13 +201,6 @@ class ClassificationSource:
 
 
 DataSource = ShardSource | ClassificationSource
-
-
-def parse_input(section: Any) -> pipeline.InputConfig | classification_data.ClassificationInputConfig:
-    """The input section as its typed, checked config (shards, or TFDS / image folder)."""
-    if classification_data.is_classification_data(section["data"]):
-        return classification_data.ClassificationInputConfig.from_config(section)
-    return pipeline.InputConfig.from_config(section)
 
 
 def open_source(input_config: pipeline.InputConfig | classification_data.ClassificationInputConfig,

@@ -2,19 +2,11 @@
 reading, argument checks, tf.data options, and padding of the last eval batch."""
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import tensorflow as tf
 
-
-def as_dict(value: Any, what: str) -> dict[str, Any]:
-    """A ConfigDict / FrozenConfigDict / dict section as a plain dict; anything else is an error."""
-    if hasattr(value, "to_dict"):
-        value = value.to_dict()
-    if not isinstance(value, Mapping):
-        raise TypeError(f"{what} must be a ConfigDict or dict, got {type(value).__name__}")
-    return dict(value)
+from coyo_vit.input_config import check_int
 
 
 def errors_before_progress(probe: tf.data.Dataset) -> list[str]:
@@ -32,24 +24,6 @@ def errors_before_progress(probe: tf.data.Dataset) -> list[str]:
             return errors
         except tf.errors.OpError as e:
             errors.append(e.message)
-
-
-def check_int(value: Any, name: str, minimum: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-
-
-def check_reading_options(cfg: Any) -> None:
-    """The tf.data settings both input configs share, checked before any file is opened (e.g. a
-    0 cycle_length that tf.data would misread, or a RAM budget that is not a positive number)."""
-    for name, minimum in (("shuffle_buffer", 1), ("cycle_length", 1), ("prefetch", 0)):
-        check_int(getattr(cfg, name), name, minimum)
-    if cfg.num_parallel_calls != -1:
-        check_int(cfg.num_parallel_calls, "num_parallel_calls (-1 = AUTOTUNE)", 1)
-    budget = cfg.ram_budget_gb
-    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
-                               or not budget > 0):
-        raise ValueError(f"ram_budget_gb must be a positive number or None, got {budget!r}")
 
 
 def check_seed(seed: Any) -> None:

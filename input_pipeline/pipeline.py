@@ -21,20 +21,18 @@ Files, `exclude_keys_file` and `strict` join the settings to keep fixed across a
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from typing import Any, Callable
 
 import tensorflow as tf
 
-from coyo_vit.config_keys import check_keys
+# InputConfig is parsed TensorFlow-free (run_config checks configs before TF is imported); it
+# stays importable from here.
+from coyo_vit.input_config import InputConfig, check_int
 from input_pipeline import damage, pp_parser, relayout, sources
 from input_pipeline.dataset_common import (
-    as_dict,
-    check_int,
     check_process,
-    check_reading_options,
     check_seed,
     dataset_options,
     errors_before_progress,
@@ -49,60 +47,6 @@ _INT64_MAX = 2**63 - 1
 _FILE_ORDER_STREAM = 1
 _SHUFFLE_STREAM = 2
 _EVAL_SPLITS = ("holdout", "all")
-
-
-@dataclasses.dataclass(frozen=True)
-class InputConfig:
-    """The input section of a training config, validated once."""
-    files: str | tuple[str, ...]
-    holdout_files: int = 0
-    holdout_examples: int = 0
-    pp_train: str | None = None
-    pp_eval: str | None = None
-    shuffle_buffer: int = 10_000
-    cycle_length: int = 16
-    num_parallel_calls: int = -1
-    prefetch: int = 2
-    ram_budget_gb: float | None = None
-    exclude_keys_file: str | None = None  # records to leave out (decontaminate's output)
-    strict: bool = False                  # stop at the first damaged record instead of skipping
-
-    @classmethod
-    def from_config(cls, config: Any) -> "InputConfig":
-        """Reads an ml_collections ConfigDict or a dict; unknown keys are errors. An
-        InputConfig passes through unchanged: builders take either, and a run parses once."""
-        if isinstance(config, cls):
-            return config
-        values = as_dict(config, "input config")
-        check_keys(values, {"data", "holdout", "pp_train", "pp_eval", "shuffle_buffer",
-                             "cycle_length", "num_parallel_calls", "prefetch", "ram_budget_gb",
-                             "exclude_keys_file", "strict"},
-                    "input config")
-        data = as_dict(values.pop("data", None), "input config 'data'")
-        check_keys(data, {"files"}, "input config 'data'")
-        if not data.get("files"):
-            raise ValueError("input config needs data.files: a glob, comma-separated globs, a list "
-                             "or a directory of TFRecord shards")
-        holdout = as_dict(values.pop("holdout", None) or {}, "input config 'holdout'")
-        check_keys(holdout, {"files", "examples"}, "input config 'holdout'")
-        files = data["files"]
-        config_obj = cls(
-            files=files if isinstance(files, str) else tuple(files),
-            holdout_files=holdout.get("files", 0) or 0,
-            holdout_examples=holdout.get("examples", 0) or 0,
-            **{k: v for k, v in values.items() if v is not None})
-        config_obj.validate()
-        return config_obj
-
-    def validate(self) -> None:
-        """Rejects values tf.data would misread (e.g. a 0 cycle_length) before any file is opened."""
-        check_reading_options(self)
-        if not isinstance(self.strict, bool):
-            raise ValueError(f"strict must be True or False, got {self.strict!r}")
-        if self.exclude_keys_file is not None and not (
-                isinstance(self.exclude_keys_file, str) and self.exclude_keys_file):
-            raise ValueError(f"exclude_keys_file must be a path or None, got "
-                             f"{self.exclude_keys_file!r}")
 
 
 def build_train_dataset(input_config: Any, *, batch_size: int, seed: int, process_index: int = 0,

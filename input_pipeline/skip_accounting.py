@@ -11,8 +11,8 @@ from typing import Mapping
 import numpy as np
 import tensorflow as tf
 
+from coyo_vit.input_config import check_int
 from input_pipeline import damage
-from input_pipeline.dataset_common import check_int
 
 
 class SkipCounter:

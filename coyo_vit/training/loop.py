@@ -43,16 +43,18 @@ from coyo_vit.training.step import (
 )
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> TrainState | None:
+def run(config: ml_collections.ConfigDict, workdir: str,
+        run_cfg: run_config.RunConfig | None = None) -> TrainState | None:
     """Trains (or resumes training) per `config` in `workdir`; returns the final state, or None
-    when the workdir's run had already finished.
+    when the workdir's run had already finished. `run_cfg`: `config` already parsed by
+    `run_config.parse` (train.py does, before it imports this module); parsed here otherwise.
 
     Raises `runtime.Interrupted` (a SystemExit with status 130) after a Ctrl-C: during training
     once the current step is checkpointed, before it at once, with nothing saved.
     """
     preemption = runtime.PreemptionWatcher()  # first, so a Ctrl-C during set-up stops it cleanly
     try:
-        return _run(config, workdir, preemption)
+        return _run(config, workdir, preemption, run_cfg)
     except runtime.InterruptedBeforeTraining:
         logging.warning("interrupted before training started: no step to save; run the same "
                         "command to start again")
@@ -61,13 +63,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainState | None:
         preemption.close()
 
 
-def _run(config: ml_collections.ConfigDict, workdir: str,
-         preemption: runtime.PreemptionWatcher) -> TrainState | None:
-    # Late: TensorFlow (data, gs:// files) only once a run starts, not when the module is imported.
+def _run(config: ml_collections.ConfigDict, workdir: str, preemption: runtime.PreemptionWatcher,
+         run_cfg: run_config.RunConfig | None) -> TrainState | None:
+    run_cfg = run_cfg or run_config.parse(config, workdir)  # every section checked before any work
+    # Late: TensorFlow (data, gs:// files) only once the config is known good.
     import tensorflow as tf
 
     from input_pipeline import data_source  # late, with TensorFlow
-    run_cfg = run_config.parse(config, workdir)  # every section checked before any work
     # Before anything compiles: JAX picks its cache directory at the first compilation.
     runtime.enable_compilation_cache(run_cfg.compilation_cache_dir)
     process_index, process_count = jax.process_index(), jax.process_count()

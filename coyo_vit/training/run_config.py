@@ -21,6 +21,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from coyo_vit.config_keys import ConfigError, check_keys
+from coyo_vit.input_config import parse_input  # TensorFlow-free: errors come in seconds
 from coyo_vit.models import VARIANTS, Model, decode_variant
 from coyo_vit.training import optimizer, runtime
 from coyo_vit.training.evaluators.registry import run_sections
@@ -98,8 +99,6 @@ def parse(config: ml_collections.ConfigDict, workdir: str) -> RunConfig:
     The embedded demos' data sections point the input at the data they will write into
     `workdir`; nothing is written here.
     """
-    from input_pipeline import data_source  # late: TensorFlow only once a run is set up
-
     check_keys(config, TOP_LEVEL_KEYS, "config")
     with config.unlocked():
         if config.get("demo_data") is not None:
@@ -128,7 +127,7 @@ def parse(config: ml_collections.ConfigDict, workdir: str) -> RunConfig:
         seed=config.seed, num_classes=config.num_classes, image_size=config.image_size,
         batch_size=config.batch_size, grad_accum_steps=accum, total_steps=config.total_steps,
         model_kwargs=model_kwargs, init=config.get("init") or None,
-        input=data_source.parse_input(config.input), loss_fn=get_loss(config.loss),
+        input=parse_input(config.input), loss_fn=get_loss(config.loss),
         schedule=schedule, tx=optimizer.make_optimizer(config.optimizer, schedule),
         skip_nonfinite=skip_nonfinite, ema_decay=config.get("ema_decay"),
         mixup_alpha=config.get("mixup_alpha", 0.0), evals=evals,
@@ -254,8 +253,6 @@ def _refuse_demo_data_override(given: Any, demo_dir: str, key: str, section: str
 
 def main(argv: list[str], *, require_init: bool) -> None:
     """Body of train.py's and finetune.py's main(): join the runtime, then the train loop."""
-    from coyo_vit.training import loop  # late: the loop pulls in orbax and the evaluators
-
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     config = _CONFIG.value
@@ -266,5 +263,11 @@ def main(argv: list[str], *, require_init: bool) -> None:
         runtime.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     except ValueError as err:  # inconsistent multi-process flags: a usage error, not a crash
         raise app.UsageError(str(err)) from None
-    loop.run(config, _WORKDIR.value)
+    # A bad config is reported before TensorFlow, orbax and the loop are imported (~15 s of CPU):
+    # parse is TensorFlow-free, and the loop takes its result. After runtime.initialize: reading
+    # config.init's checkpoint may touch JAX.
+    run_cfg = parse(config, _WORKDIR.value)
+    from coyo_vit.training import loop  # late: the loop pulls in TensorFlow, orbax, the evaluators
+
+    loop.run(config, _WORKDIR.value, run_cfg)
     logging.info("Finished; results in %s", _WORKDIR.value)

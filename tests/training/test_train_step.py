@@ -1,4 +1,6 @@
 """The jit-compiled train step, sharding set-up, optimizer and losses (no TensorFlow)."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -51,9 +53,16 @@ def _run_steps(devices, *, steps=3, accum=1, mesh_axes=None, model_kwargs=TINY):
     return jax.device_get(state), history
 
 
+@functools.cache
+def _unsharded(steps: int):
+    """The plain one-device run that the sharded and accumulated runs are compared with: the
+    same for each comparison, so it is trained once per length (each run traces and compiles)."""
+    return _run_steps(jax.devices()[:1], steps=steps)
+
+
 def test_two_devices_equal_one_device():
     assert jax.device_count() >= 2, "conftest should provide 2 host devices"
-    one, hist1 = _run_steps(jax.devices()[:1])
+    one, hist1 = _unsharded(3)
     two, hist2 = _run_steps(jax.devices()[:2])
     assert int(one.step) == int(two.step) == 3
     for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(two.params)):
@@ -64,14 +73,14 @@ def test_two_devices_equal_one_device():
 @pytest.mark.parametrize("mesh_axes", [{"data": 1, "fsdp": 2}, {"data": 1, "model": 2}],
                          ids=["fsdp", "tensor_parallel"])
 def test_fsdp_and_tensor_parallel_axes_match_unsharded(mesh_axes):
-    ref, _ = _run_steps(jax.devices()[:1], steps=2)
+    ref, _ = _unsharded(2)
     sharded, _ = _run_steps(jax.devices()[:2], steps=2, mesh_axes=mesh_axes)
     for a, b in zip(jax.tree.leaves(ref.params), jax.tree.leaves(sharded.params)):
         np.testing.assert_allclose(a, b, atol=2e-6, rtol=1e-5)
 
 
 def test_gradient_accumulation_equals_full_batch():
-    full, _ = _run_steps(jax.devices()[:1], steps=2, accum=1)
+    full, _ = _unsharded(2)  # accum=1
     accum, _ = _run_steps(jax.devices()[:1], steps=2, accum=2)
     for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(accum.params)):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
@@ -206,7 +215,7 @@ def test_tokens_padded_once_train_the_same_under_data_and_model_sharding():
     # What GPUs do by default for cuDNN (5 tokens padded to 6, the extra one masked through
     # key_value_seq_lengths laid out like the batch), here through XLA's attention on two host
     # devices: the same losses and parameters as the unpadded model on one device.
-    ref, ref_hist = _run_steps(jax.devices()[:1], steps=2)
+    ref, ref_hist = _unsharded(2)
     for mesh_axes in ({"data": 2}, {"data": 1, "model": 2}):
         padded, hist = _run_steps(jax.devices()[:2], steps=2, mesh_axes=mesh_axes,
                                   model_kwargs=dict(TINY, attention_impl="xla", attention_pad_multiple=2))
