@@ -1,4 +1,4 @@
-"""The fine-tuning demo: the demo-pretrained ViT fine-tuned on handwritten digits, on a CPU.
+r"""The fine-tuning demo: the demo-pretrained ViT fine-tuned on handwritten digits, on a CPU.
 
     python train.py --config configs/demo.py --workdir /tmp/coyo_vit_demo        # pretrain first
     python finetune.py --config configs/demo_finetune.py --workdir /tmp/coyo_vit_digits
@@ -9,16 +9,25 @@ checkpoint is used). The digits (scikit-learn's 1,797 8x8 images, enlarged to 32
 `--config.demo_digits.out_dir`, by input_pipeline.demo.digits.ensure_digits_folder; the loop
 then sets `config.input.data.root` (the evaluators share that field). The 21,841-class head is
 replaced by a zero-initialised 10-class one and trained with the ImageNet recipe's optimizer
-(SGD momentum 0.9, clip 1.0, cosine, softmax cross-entropy), without augmentation (a crop
-cuts strokes off 8x8 digits). Argument: steps (default 1500; `:300` or `:steps=300`).
-Evaluators: `val` (top-1 on the test split) and `fewshot` (1/5/10-shot linear probes of the
-current features).
+(SGD momentum 0.9, clip 1.0, cosine, softmax cross-entropy, base lr 0.1, 50 warmup steps).
+Augmentation keeps digits legible: an Inception crop of 75-100% of the image resized back to
+32px (shifts and zooms by about a source pixel), no flips. Argument: steps (default 1500;
+`:300` or `:steps=300`). Evaluators: `val` (top-1 on the test split) and `fewshot` (1/5/10-shot
+linear probes of the current features). The same recipe from scratch (no `config.init`):
 
-Measured with finetune.py on 2 shared CPU cores, from the 1,200-step demo pretraining:
-val/top1 0.12 before training, 0.69 at step 500, 0.78 at 1,500 (3 minutes; 10-shot probe
-0.30 -> 0.59). The drawn-shapes pretraining transfers little to digits (a run from scratch
-ends about as high), so the demo shows the mechanics of fine-tuning (checkpoint adaptation,
-image-folder data, evaluators), not transfer.
+    python train.py --config configs/demo_finetune.py --workdir /tmp/coyo_vit_digits_scratch \
+        --config.init=
+
+Measured (val/top1 at steps 250/500/750/1000/1250/1500, fewshot off), under `nice -n 19` on 2
+CPU cores shared with ~15 other busy processes:
+  from scratch:          0.567 / 0.792 / 0.886 / 0.936 / 0.958 / 0.950 (30m38s wall, 5m48s
+                         user + 1m21s sys CPU: about 4 minutes on 2 idle cores)
+  from the demo pretraining (its step-501 checkpoint):  0.375 / 0.614 / 0.767 / ...
+Without the crops (this config before) it ended at 0.78 from the 1,200-step demo pretraining.
+The drawn-shapes pretraining does not transfer to digits: from it, fine-tuning starts slower and
+ends below the same recipe from scratch (logistic regression on the 64 raw pixels: 0.964, an RBF
+SVM 0.983, on this split). So the demo shows the mechanics of fine-tuning (checkpoint
+adaptation, image-folder data, evaluators), not the benefit of pretraining.
 """
 from __future__ import annotations
 
@@ -29,6 +38,9 @@ from configs import common
 
 NUM_CLASSES = 10
 DEMO_PRETRAIN_WORKDIR = "/tmp/coyo_vit_demo"
+# Training crops keep 75-100% of the image (aspect 3/4-4/3), resized back to 32px: shifts and
+# zooms of under a source pixel or two, so no stroke is lost; no flips (a mirrored 2 is no 2).
+TRAIN_CROP_AREA_MIN = 75
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -53,7 +65,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     pp_eval = f"decode|resize(32)|{labels}"  # 32px already: fixes the shape
     config.input = dict(
         data=dict(digits, split="train"),
-        pp_train=pp_eval,
+        pp_train=f"decode|inception_crop(32, area_min={TRAIN_CROP_AREA_MIN})|{labels}",
         pp_eval=pp_eval,
         shuffle_buffer=2048,
         cycle_length=4,
