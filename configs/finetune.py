@@ -13,7 +13,8 @@ area_min (5: the training crop's smallest share of the image, in percent; 100 = 
 (true: random left-right flips; false for digits, text and other data a mirror changes).
 Small digits-like folders want gentle augmentation, e.g. from the demo pretraining
 (configs/demo_finetune.py measures this recipe on scikit-learn's digits):
-`folder=ROOT,classes=10,res=32,steps=1500,batch=64,lr=0.1,warmup=50,area_min=75,flip=false`.
+`folder=ROOT,classes=10,res=32,steps=1500,batch=64,lr=0.1,warmup=50,area_min=75,flip=false,
+ smoothing=0.1,ema=0.998`.
 The recipe is the ImageNet one (SGD momentum 0.9, no weight decay, clip 1.0, cosine, softmax
 cross-entropy, new zero head, pre-logits dropped, position embeddings resized); eval resizes
 without a crop. Evaluator `val` reports top-1/top-5 on val_split.

@@ -12,6 +12,7 @@ def test_demo_finetune_crops_gently_and_never_flips():
     (crop,) = pp_parser.op_arguments(config.input.pp_train, "inception_crop")
     assert crop["area_min"] >= 50  # a crop to 5% (the ImageNet default) cuts digits apart
     assert "flip_lr" not in config.input.pp_eval and "crop" not in config.input.pp_eval
+    assert config.input.pp_eval.endswith("|onehot(10)")  # smoothing is for training labels only
 
 
 def test_finetune_area_min_and_flip_arguments():
