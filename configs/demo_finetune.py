@@ -22,10 +22,11 @@ current features). The same recipe from scratch (no `config.init`):
 Measured (val/top1 at steps 250/500/750/1000/1250/1500, fewshot off), under `nice -n 19` on 2
 CPU cores shared with ~15 other busy processes (docs/experiments.md has the table):
   from scratch:  0.678 / 0.872 / 0.939 / 0.964 / 0.964 / 0.964 (20m32s wall, 5m07s user +
-                 1m14s sys CPU: about 4 minutes on 2 idle cores, estimated)
+                 1m14s sys CPU; rerun as documented, fewshot on, beside the pretrained run
+                 at load 4-6: the same numbers in 6m30s)
   from the demo pretraining (a step-501 checkpoint of configs/demo.py, whose holdout prec@1 is
   1.0 from step 300 on): 0.456 / 0.697 / 0.822 / 0.861 / 0.914 / 0.922 (9m53s wall, 4m38s user
-  + 1m14s sys CPU)
+  + 1m14s sys CPU; rerun as documented: the same numbers in 6m49s)
 Without smoothing and EMA: 0.950 from scratch, 0.906 from the pretraining; without the crops
 either (this config before): 0.78 from the 1,200-step demo pretraining. The drawn-shapes
 pretraining does not transfer to digits: from it, fine-tuning starts slower and ends below the
