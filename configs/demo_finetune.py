@@ -1,4 +1,4 @@
-"""The fine-tuning demo: the demo-pretrained ViT fine-tuned on handwritten digits, on a CPU.
+r"""The fine-tuning demo: the demo-pretrained ViT fine-tuned on handwritten digits, on a CPU.
 
     python train.py --config configs/demo.py --workdir /tmp/coyo_vit_demo        # pretrain first
     python finetune.py --config configs/demo_finetune.py --workdir /tmp/coyo_vit_digits
@@ -9,26 +9,47 @@ checkpoint is used). The digits (scikit-learn's 1,797 8x8 images, enlarged to 32
 `--config.demo_digits.out_dir`, by input_pipeline.demo.digits.ensure_digits_folder; the loop
 then sets `config.input.data.root` (the evaluators share that field). The 21,841-class head is
 replaced by a zero-initialised 10-class one and trained with the ImageNet recipe's optimizer
-(SGD momentum 0.9, clip 1.0, cosine, softmax cross-entropy), without augmentation (a crop
-cuts strokes off 8x8 digits). Argument: steps (default 1500; `:300` or `:steps=300`).
+(SGD momentum 0.9, clip 1.0, cosine, softmax cross-entropy, base lr 0.1, 50 warmup steps), label
+smoothing 0.1 and an EMA of the weights (decay 0.998; the evaluators see it). Augmentation keeps
+digits legible: an Inception crop of 75-100% of the image resized back to 32px (shifts and zooms
+by about a source pixel), no flips. Argument: steps (default 1500; `:300` or `:steps=300`).
 Evaluators: `val` (top-1 on the test split) and `fewshot` (1/5/10-shot linear probes of the
-current features).
+current features). The same recipe from scratch (no `config.init`):
 
-Measured with finetune.py on 2 shared CPU cores, from the 1,200-step demo pretraining:
-val/top1 0.12 before training, 0.69 at step 500, 0.78 at 1,500 (3 minutes; 10-shot probe
-0.30 -> 0.59). The drawn-shapes pretraining transfers little to digits (a run from scratch
-ends about as high), so the demo shows the mechanics of fine-tuning (checkpoint adaptation,
-image-folder data, evaluators), not transfer.
+    python train.py --config configs/demo_finetune.py --workdir /tmp/coyo_vit_digits_scratch \
+        --config.init=
+
+Measured (val/top1 at steps 250/500/750/1000/1250/1500, fewshot off), under `nice -n 19` on 2
+CPU cores shared with ~15 other busy processes (docs/experiments.md has the table):
+  from scratch:  0.678 / 0.872 / 0.939 / 0.964 / 0.964 / 0.964 (20m32s wall, 5m07s user +
+                 1m14s sys CPU; rerun as documented, fewshot on, beside the pretrained run
+                 at load 4-6: the same numbers in 6m30s)
+  from the demo pretraining (a step-501 checkpoint of configs/demo.py, whose holdout prec@1 is
+  1.0 from step 300 on): 0.456 / 0.697 / 0.822 / 0.861 / 0.914 / 0.922 (9m53s wall, 4m38s user
+  + 1m14s sys CPU; rerun as documented: the same numbers in 6m49s)
+Without smoothing and EMA: 0.950 from scratch, 0.906 from the pretraining; without the crops
+either (this config before): 0.78 from the 1,200-step demo pretraining. The drawn-shapes
+pretraining does not transfer to digits: from it, fine-tuning starts slower and ends below the
+same recipe from scratch (logistic regression on the 64 raw pixels: 0.964, an RBF SVM 0.983, on
+this split). So the demo shows the mechanics of fine-tuning (checkpoint adaptation, image-folder
+data, evaluators), not the benefit of pretraining.
 """
 from __future__ import annotations
 
 import ml_collections
 from ml_collections import config_dict
 
-from configs import common
+from configs import common, finetune
 
 NUM_CLASSES = 10
 DEMO_PRETRAIN_WORKDIR = "/tmp/coyo_vit_demo"
+# Training crops keep 75-100% of the image (aspect 3/4-4/3), resized back to 32px: shifts and
+# zooms of under a source pixel or two, so no stroke is lost; no flips (a mirrored 2 is no 2).
+TRAIN_CROP_AREA_MIN = 75
+# 1,437 training images: label smoothing and an EMA of the weights (what the evaluators see)
+# keep the small model from fitting them too closely; 0.950 -> 0.964 top-1 from scratch.
+LABEL_SMOOTHING = 0.1
+EMA_DECAY = 0.998
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -53,7 +74,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     pp_eval = f"decode|resize(32)|{labels}"  # 32px already: fixes the shape
     config.input = dict(
         data=dict(digits, split="train"),
-        pp_train=pp_eval,
+        pp_train=(f"decode|inception_crop(32, area_min={TRAIN_CROP_AREA_MIN})|"
+                  f"{finetune.onehot_pp(NUM_CLASSES, LABEL_SMOOTHING)}"),
         pp_eval=pp_eval,
         shuffle_buffer=2048,
         cycle_length=4,
@@ -66,6 +88,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                             skip_nonfinite=False)  # True: skip steps whose loss/gradients are inf/nan
     config.schedule = dict(base_lr=0.1, end_lr=0.0, warmup_steps=50, decay="cosine")
     config.ema_decay = config_dict.placeholder(float)
+    config.ema_decay = EMA_DECAY
     config.mixup_alpha = 0.0
     config.evals = dict(
         val=dict(type="classification", every_steps=250, batch_size=120,

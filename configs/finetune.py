@@ -8,7 +8,13 @@
 Arguments (comma-separated key=value): dataset (a TFDS name) or folder (an image folder root,
 ROOT/<split>/<class>/<image>), classes (required), res (224), steps (10000), batch (512),
 lr (0.01), warmup (500), variant (auto: config.init's shape; or e.g. B/16, checked against it), train_split (train), val_split (test; imagenet2012
-calls it validation), ema (0 = off), mixup (0 = off), smoothing (0: label smoothing eps).
+calls it validation), ema (0 = off), mixup (0 = off), smoothing (0: label smoothing eps),
+area_min (5: the training crop's smallest share of the image, in percent; 100 = no crop), flip
+(true: random left-right flips; false for digits, text and other data a mirror changes).
+Small digits-like folders want gentle augmentation, e.g. from the demo pretraining
+(configs/demo_finetune.py measures this recipe on scikit-learn's digits):
+`folder=ROOT,classes=10,res=32,steps=1500,batch=64,lr=0.1,warmup=50,area_min=75,flip=false,
+ smoothing=0.1,ema=0.998`.
 The recipe is the ImageNet one (SGD momentum 0.9, no weight decay, clip 1.0, cosine, softmax
 cross-entropy, new zero head, pre-logits dropped, position embeddings resized); eval resizes
 without a crop. Evaluator `val` reports top-1/top-5 on val_split.
@@ -22,7 +28,7 @@ from configs import common
 
 DEFAULTS = dict(dataset="", folder="", classes=0, res=224, steps=10_000, batch=512, lr=0.01,
                 warmup=500, variant="auto", train_split="train", val_split="test", ema=0.0,
-                mixup=0.0, smoothing=0.0)
+                mixup=0.0, smoothing=0.0, area_min=5.0, flip=True)
 
 
 def onehot_pp(classes: int, smoothing: float) -> str:
@@ -31,6 +37,16 @@ def onehot_pp(classes: int, smoothing: float) -> str:
         return f"onehot({classes})"
     off = smoothing / classes
     return f"onehot({classes}, on={1 - smoothing + off!r}, off={off!r})"
+
+
+def train_pp(res: int, classes: int, area_min: float, flip: bool, smoothing: float) -> str:
+    """The training pp: an Inception crop of at least `area_min`% (none at 100), maybe a flip."""
+    if not 0 < area_min <= 100:
+        raise ValueError(f"area_min must be in (0, 100] (percent of the image), got {area_min}")
+    area = "" if area_min == DEFAULTS["area_min"] else f", area_min={area_min!r}"
+    crop = (f"decode|resize({res})" if area_min == 100
+            else f"decode_jpeg_and_inception_crop({res}{area})")
+    return "|".join([crop] + ["flip_lr"] * flip + [onehot_pp(classes, smoothing)])
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -60,8 +76,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     pp_eval = f"decode|resize({res})|{onehot_pp(classes, 0.0)}"
     config.input = dict(
         data=dict(source, split=args["train_split"]),
-        pp_train=(f"decode_jpeg_and_inception_crop({res})|flip_lr|"
-                  f"{onehot_pp(classes, args['smoothing'])}"),
+        pp_train=train_pp(res, classes, args["area_min"], args["flip"], args["smoothing"]),
         pp_eval=pp_eval,
         shuffle_buffer=25_000,
         cycle_length=16,
