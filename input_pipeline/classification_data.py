@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import tensorflow as tf
 
@@ -62,6 +62,7 @@ from input_pipeline import (
     imagefolder,
     ops_classification,  # noqa: F401  (registers `onehot`)
     pp_parser,
+    relayout,
 )
 from input_pipeline.dataset_common import (
     check_process,
@@ -137,9 +138,11 @@ def count_examples(data: Any, split: str | None = None) -> int:
 
 def build_train_dataset(input_config: Any, *, batch_size: int, seed: int, process_index: int = 0,
                         process_count: int = 1, start_position: int = 0,
-                        skip_counts: bool = False) -> tf.data.Dataset:
+                        skip_counts: bool = False, layout: relayout.Layout | None = None
+                        ) -> tf.data.Dataset:
     """Endless batches {image, labels, _index} of this process (see the module docstring); with
-    `skip_counts` also `_skipped` and `_skipped_names`."""
+    `skip_counts` also `_skipped` and `_skipped_names`. `layout`: after a resume on another
+    process count (input_pipeline.relayout), this process reads its prelude first."""
     cfg = ClassificationInputConfig.from_config(input_config)
     if not cfg.pp_train:
         raise ValueError("input config needs pp_train, e.g. 'decode_jpeg_and_inception_crop(224)|"
@@ -150,8 +153,8 @@ def build_train_dataset(input_config: Any, *, batch_size: int, seed: int, proces
     check_process(process_index, process_count)
     source = _make_source(cfg.data)
     base_seed = tf.constant([seed, process_index], tf.int64)
-    raw, epoch_length = source.train_stream(process_index, process_count, base_seed,
-                                            start_position, cfg)
+    raw, epoch_length = _train_stream(source, cfg, seed, process_index, process_count,
+                                      start_position, layout)
     preprocess = pp_parser.parse(cfg.pp_train)
 
     def to_model_inputs(features: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
@@ -263,31 +266,30 @@ class _FolderSource:
                                                  tf.constant(labels, tf.int64)))
         return ds.map(self._read, num_parallel_calls=cfg.num_parallel_calls, deterministic=True)
 
-    def train_stream(self, process_index: int, process_count: int, base_seed: tf.Tensor,
-                     start_position: int, cfg: ClassificationInputConfig
-                     ) -> tuple[tf.data.Dataset, int]:
-        """(index, example) from `start_position`, and the epoch length: epoch e is a stateless
-        permutation of the process's share seeded by (seed, process, e); skipping is arithmetic."""
+    def epoch_reader(self, process_index: int, process_count: int, seed: int,
+                     cfg: ClassificationInputConfig) -> tuple[EpochReader, int]:
+        """`(epoch, start, take) -> examples` of the process's share, and its length: epoch e is
+        a stateless permutation of the share seeded by (seed, process, e); skipping slices the
+        permutation, nothing is read."""
         paths, labels = self._share(process_index, process_count)
         if not paths:
             raise ValueError(f"process {process_index} of {process_count} gets no example of "
                              f"{self.description} ({self.total} images); use fewer processes")
         paths_t = tf.constant(paths, tf.string)
         labels_t = tf.constant(labels, tf.int64)
-        start_epoch, skip = divmod(start_position, len(paths))
-        shuffle_seed = tf.random.experimental.stateless_fold_in(base_seed, _SHUFFLE_STREAM)
+        shuffle_seed = tf.random.experimental.stateless_fold_in(
+            tf.constant([seed, process_index], tf.int64), _SHUFFLE_STREAM)
 
-        def epoch(e: tf.Tensor) -> tf.data.Dataset:
+        def read(e: tf.Tensor, start: tf.Tensor, take: tf.Tensor) -> tf.data.Dataset:
             order = tf.random.experimental.stateless_shuffle(
                 tf.range(len(paths), dtype=tf.int64),
                 tf.random.experimental.stateless_fold_in(shuffle_seed, e))
-            order = order[tf.where(tf.equal(e, start_epoch), tf.constant(skip, tf.int64), 0):]
-            return tf.data.Dataset.from_tensor_slices((tf.gather(paths_t, order),
-                                                       tf.gather(labels_t, order)))
+            order = order[start:] if take is None else order[start:start + take]
+            return tf.data.Dataset.from_tensor_slices(
+                (tf.gather(paths_t, order), tf.gather(labels_t, order))).map(
+                self._read, num_parallel_calls=cfg.num_parallel_calls, deterministic=True)
 
-        ds = tf.data.Dataset.range(start_epoch, _INT64_MAX).flat_map(epoch)
-        ds = ds.map(self._read, num_parallel_calls=cfg.num_parallel_calls, deterministic=True)
-        return ds.enumerate(start=start_position), len(paths)
+        return read, len(paths)
 
 
 class _TfdsSource:
@@ -366,27 +368,69 @@ class _TfdsSource:
 
         return ds.map(rename)
 
-    def train_stream(self, process_index: int, process_count: int, base_seed: tf.Tensor,
-                     start_position: int, cfg: ClassificationInputConfig
-                     ) -> tuple[tf.data.Dataset, int]:
-        """(index, example) from `start_position`, and the epoch length: epoch e is the
-        process's part in stored order through a shuffle buffer seeded by (seed, process, e)."""
+    def epoch_reader(self, process_index: int, process_count: int, seed: int,
+                     cfg: ClassificationInputConfig) -> tuple[EpochReader, int]:
+        """`(epoch, start, take) -> examples` of the process's part, and its length: epoch e is
+        the part in stored order through a shuffle buffer seeded by (seed, process, e)."""
         base = self.examples(process_index, process_count, cfg)
         length = self._count(base)
         if length == 0:
             raise ValueError(f"process {process_index} of {process_count} gets no example of "
                              f"{self.description} ({self.total} examples); use fewer processes")
-        shuffle_seed = tf.random.experimental.stateless_fold_in(base_seed, _SHUFFLE_STREAM)
+        shuffle_seed = tf.random.experimental.stateless_fold_in(
+            tf.constant([seed, process_index], tf.int64), _SHUFFLE_STREAM)
 
-        def epoch(e: tf.Tensor) -> tf.data.Dataset:
-            seed = tf.random.stateless_uniform(
+        def read(e: tf.Tensor, start: tf.Tensor, take: tf.Tensor) -> tf.data.Dataset:
+            epoch_seed = tf.random.stateless_uniform(
                 [], tf.random.experimental.stateless_fold_in(shuffle_seed, e), minval=None,
                 maxval=None, dtype=tf.int64)
-            return shuffle_by_seed(base, cfg.shuffle_buffer, seed)
+            ds = shuffle_by_seed(base, cfg.shuffle_buffer, epoch_seed).skip(start)
+            return ds if take is None else ds.take(take)
 
-        start_epoch, skip = divmod(start_position, length)
-        ds = tf.data.Dataset.range(start_epoch, _INT64_MAX).flat_map(epoch)
-        return ds.enumerate(start=start_position - skip).skip(skip), length
+        return read, length
+
+
+EpochReader = Callable[[tf.Tensor, tf.Tensor, Any], tf.data.Dataset]
+"""`(epoch, start, take) -> examples [start, start + take) of that epoch of a process's stream`
+(take None: to the end of the epoch); call it inside a dataset function (shuffle_by_seed)."""
+
+
+def train_epoch_length(data: Any, *, process_index: int = 0, process_count: int = 1) -> int:
+    """Examples in one epoch of a process's training stream (its share of the split)."""
+    source = _make_source(DataSpec.from_config(data))
+    if isinstance(source, _FolderSource):
+        return len(source._share(process_index, process_count)[0])
+    return source._count(source._read(source._process_split(process_index, process_count), 16))
+
+
+def _train_stream(source: Any, cfg: ClassificationInputConfig, seed: int, process_index: int,
+                  process_count: int, start_position: int, layout: relayout.Layout | None
+                  ) -> tuple[tf.data.Dataset, int]:
+    """(index, example) from `start_position`, and the epoch length of the process's own share.
+    With a `layout`, the process's prelude (pieces of the old processes' epochs, each read as
+    that process would have) comes first, then its own epochs from the layout's base epoch."""
+    layout = layout or relayout.Layout(process_count)
+    read, length = source.epoch_reader(process_index, process_count, seed, cfg)
+    prelude_length = layout.prelude_length(process_index)
+    if start_position < prelude_length:
+        readers: dict[tuple[int, int], EpochReader] = {}
+        parts = []
+        for piece in layout.preludes[process_index]:
+            key = (piece.process_index, piece.process_count)
+            if key not in readers:
+                readers[key] = source.epoch_reader(*key, seed, cfg)[0]
+            parts.append(tf.data.Dataset.from_tensors(tf.constant(piece.epoch, tf.int64)).flat_map(
+                lambda e, r=readers[key], p=piece: r(e, p.start, p.length)))
+        own = tf.data.Dataset.range(layout.base_epoch, _INT64_MAX).flat_map(
+            lambda e: read(e, 0, None))
+        ds = functools.reduce(tf.data.Dataset.concatenate, parts).concatenate(own)
+        return ds.enumerate().skip(start_position), length
+    start_epoch, skip = divmod(start_position - prelude_length, length)
+    start_epoch += layout.base_epoch
+    ds = tf.data.Dataset.range(start_epoch, _INT64_MAX).flat_map(
+        lambda e: read(e, tf.where(tf.equal(e, start_epoch), tf.constant(skip, tf.int64),
+                                   tf.constant(0, tf.int64)), None))
+    return ds.enumerate(start=start_position), length
 
 
 def _make_source(spec: DataSpec) -> _FolderSource | _TfdsSource:

@@ -4,7 +4,7 @@ The train loop talks to a `DataSource` and never asks which kind it has:
 
     source = open_source(config.input)           # parsed and checked once, nothing read yet
     source.prepare()                             # process 0: e.g. TFDS download_and_prepare
-    source.restore(meta, process_index)          # on resume: position, skip counts, epoch length
+    source.restore(meta, process_index)          # on resume: position, skip counts, epoch length, layout
     for batch in source.batches(batch_size, seed): ... source.observe(host_fields)
     meta.update(source.checkpoint_meta(gathered_states))
 
@@ -13,7 +13,9 @@ loop gathers it over processes in one collective and the source lays the gathere
 the checkpoint metadata. COYO shards (`ShardSource`) also count skipped records per reason and,
 once a damaged file was met, the epoch length read off the data; classification data
 (`ClassificationSource`: TFDS or an image folder) counts skipped (damaged) images per reason
-too, and logs the first few by file name.
+too, and logs the first few by file name. Both continue a checkpoint written by another number
+of processes by `input_pipeline.relayout`'s rule (the rest of the started epochs split over the
+new processes, then each its own share); the layout goes into the checkpoint as `data_layout`.
 """
 from __future__ import annotations
 
@@ -23,7 +25,6 @@ from typing import Any
 
 import numpy as np
 
-from coyo_vit.config_keys import ConfigError
 from coyo_vit.input_config import parse_input  # noqa: F401  (the input section's parser, TF-free)
 from input_pipeline import classification_data, pipeline, relayout, sources
 from input_pipeline.skip_accounting import SkipCounter, SkipNames
@@ -140,6 +141,8 @@ class ClassificationSource:
         self.skipped = 0
         self._reasons = SkipCounter(0)
         self._named = 0  # damaged images logged by name by this process
+        self.layout = relayout.Layout(process_count)
+        self.resumed: relayout.Relayout | None = None  # set by a resume on another process count
 
     @property
     def num_classes(self) -> int | None:
@@ -154,22 +157,32 @@ class ClassificationSource:
         classification_data.prepare(self.config.data)
 
     def restore(self, meta: Mapping[str, Any], process_index: int) -> None:
-        """Continues from a checkpoint's metadata written by as many processes as this run."""
-        written_by, count = len(meta["data_positions"]), self._process["process_count"]
-        if written_by != count:
-            raise ConfigError(
-                f"this checkpoint was written by {written_by} processes and this run has {count}: "
-                f"fine-tuning data (TFDS, image folders) resumes only on the same process count; "
-                f"COYO shard pretraining resumes on any (docs/scaling.md)")
-        self.position = int(meta["data_positions"][process_index])
-        self.skipped = int(meta.get("skipped_records", [0] * (process_index + 1))[process_index])
-        reasons = meta.get("skipped_by_reason")
-        self._reasons = SkipCounter(self.position, reasons[process_index] if reasons else None)
+        """Continues from a checkpoint's metadata: this process's position, or on another
+        process count the start of its prelude (input_pipeline.relayout), as ShardSource."""
+        old = relayout.Layout.from_meta(meta)
+        reasons = meta.get("skipped_by_reason") or [{}] * old.process_count
+        if old.process_count == self._process["process_count"]:
+            self.layout = old
+            self.position = int(meta["data_positions"][process_index])
+            self.skipped = int(meta.get("skipped_records", [0] * (process_index + 1))[process_index])
+            self._reasons = SkipCounter(self.position, reasons[process_index])
+            return
+        lengths = [classification_data.train_epoch_length(
+            self.config.data, process_index=p, process_count=old.process_count)
+            for p in range(old.process_count)]
+        self.resumed = relayout.relayout(old, [int(p) for p in meta["data_positions"]], lengths,
+                                         self._process["process_count"])
+        self.layout = self.resumed.layout
+        self.position = 0
+        if process_index == 0:  # the run's totals, kept once
+            self.skipped = sum(int(n) for n in meta.get("skipped_records", []))
+            self._reasons = SkipCounter(0, {r: sum(int(c.get(r, 0)) for c in reasons)
+                                            for r in SkipCounter.REASONS})
 
     def batches(self, batch_size: int, seed: int) -> Iterator[dict[str, np.ndarray]]:
         return classification_data.build_train_dataset(
             self.config, batch_size=batch_size, seed=seed, start_position=self.position,
-            skip_counts=True, **self._process).as_numpy_iterator()
+            skip_counts=True, layout=self.layout, **self._process).as_numpy_iterator()
 
     def observe(self, host: Mapping[str, np.ndarray]) -> None:
         consumed = int(host["_index"].max()) + 1
@@ -197,7 +210,8 @@ class ClassificationSource:
                 "skipped_records": list(gathered["skipped"]),
                 "epoch_lengths": [0] * count,
                 "skipped_by_reason": [{r: gathered[f"skipped/{r}"][i] for r in reasons}
-                                      for i in range(count)]}
+                                      for i in range(count)],
+                "data_layout": self.layout.to_meta()}
 
 
 DataSource = ShardSource | ClassificationSource

@@ -277,3 +277,51 @@ def test_bad_inputs_fail_with_named_values(tmp_path, imagenet_dir, photo_folder)
     with pytest.raises(ValueError, match="not a classification source; valid: tfds, imagefolder"):
         cd.build_eval_dataset({"data": {"name": "coyo", "split": "x"}, "pp_eval": "decode"},
                               batch_size=2)
+
+
+@pytest.mark.parametrize("kind", ["imagefolder", "tfds"])
+def test_streams_continue_on_another_process_count_with_each_example_once(kind, photo_folder,
+                                                                         imagenet_dir):
+    """A 2-process run stopped with process 0 into its second epoch and process 1 in its first
+    continues on 3 processes (input_pipeline.relayout): the examples the old processes read plus
+    the new processes' preludes hold each example of epochs 0 and 1 exactly once; the resume
+    state goes through data_source.ClassificationSource.restore as the loop calls it."""
+    from input_pipeline import data_source, relayout  # late: the sources module, for restore
+
+    if kind == "imagefolder":
+        config = {"data": {"name": "imagefolder", "root": str(photo_folder[0]), "split": "train"},
+                  "pp_train": "decode_jpeg_and_inception_crop(8)|value_range(-1, 1)|onehot("
+                              f"{len({p['label'] for p in photo_folder[1]})})"}
+        name_key, total = "_path", 40
+    else:
+        config, name_key, total = _imagenet(imagenet_dir, "train"), "file_name", len(TRAIN_LABELS)
+    cfg = cd.ClassificationInputConfig.from_config(config)
+    source = cd._make_source(cfg.data)
+    lengths = [cd.train_epoch_length(cfg.data, process_index=p, process_count=2) for p in range(2)]
+    positions = [lengths[0] + 2, lengths[1] - 3]
+
+    def names(process: int, count: int, stop: int, layout=None) -> list[str]:
+        stream, _ = cd._train_stream(source, cfg, 5, process, count, 0, layout)
+        return [ex[name_key].decode() for _, ex in stream.take(stop).as_numpy_iterator()]
+
+    read = [(name, i // lengths[p]) for p in range(2)
+            for i, name in enumerate(names(p, 2, positions[p]))]
+    restored = []
+    for q in range(3):
+        new = data_source.ClassificationSource(cfg, process_index=q, process_count=3)
+        new.restore({"data_positions": positions, "skipped_records": [1, 2],
+                     "skipped_by_reason": [{"unreadable": 1}, {"unreadable": 2}]}, q)
+        restored.append(new)
+    layout = restored[0].layout
+    assert layout == relayout.relayout(relayout.Layout(2), positions, lengths, 3).layout
+    assert [s.state()["skipped"] for s in restored] == [3, 0, 0]  # the totals, kept once
+    for q in range(3):
+        epochs = [piece.epoch for piece in layout.preludes[q] for _ in range(piece.length)]
+        read += list(zip(names(q, 3, layout.prelude_length(q), layout), epochs))
+    for epoch in (0, 1):
+        seen = sorted(name for name, e in read if e == epoch)
+        assert len(seen) == len(set(seen)) == total, (kind, epoch)
+    assert layout.base_epoch == 2
+    # and the new processes' batches build from the restored state
+    batch = next(restored[1].batches(2, 5))
+    assert batch["image"].shape[0] == 2 and batch["_index"].tolist() == [0, 1]

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import jax
 import numpy as np
-import pytest
 
 from checkpoints.orbax_io import restore_params
 from input_pipeline import relayout
@@ -88,10 +87,11 @@ def test_layout_round_trips_through_checkpoint_metadata():
 
 # ---- real processes: 2 processes x 2 devices -> 1 process x 4 devices -> 2 x 1 ----
 
-def _train(workdir: Path, total_steps: int, processes: int, devices: int) -> subprocess.CompletedProcess:
+def _train(workdir: Path, total_steps: int, processes: int, devices: int, *extra: str
+           ) -> subprocess.CompletedProcess:
     args = ["--config", f"{REPO / 'tests/tiny_config.py'}:{SHARDS}", "--workdir", str(workdir),
             "--config.mesh.fsdp=2", f"--config.total_steps={total_steps}",
-            "--config.eval_every_steps=0", "--config.checkpoint_every_steps=100"]
+            "--config.eval_every_steps=0", "--config.checkpoint_every_steps=100", *extra]
     if processes > 1:
         command = _launch(str(REPO / "train.py"), *args, processes=processes, devices=devices)
         env = _env()
@@ -126,21 +126,23 @@ def _trained(meta: dict, since: list[int] | None = None) -> list[tuple[str, int,
 
 def test_resume_on_another_number_of_processes_trains_each_record_once(tmp_path):
     workdir = tmp_path / "run"
-    _train(workdir, 6, processes=2, devices=2)  # global batch 8: 24 records of each stream
+    _train(workdir, 6, 2, 2)  # global batch 8: 24 records of each stream
     first = _meta(workdir, 6)
     assert first["devices"] == [2, 2]
 
-    shrunk = _train(workdir, 20, processes=1, devices=4)
+    shrunk = _train(workdir, 20, 1, 4)
     second = _meta(workdir, 20)
     line = next(l for l in shrunk.stderr.splitlines() if "resumed step 6 written by" in l)
     assert "written by 2 processes x 2 devices on 1 process x 4 devices; 81 of 129 records of " \
            "epoch 0 remain; then epoch 1 over 1 process" in line, line
     assert relayout.Layout.from_meta(second).base_epoch == 1
 
-    grown = _train(workdir, 40, processes=2, devices=1)
+    grown = _train(workdir, 40, 2, 1, "--config.batch_size=16")  # and a larger global batch
     third = _meta(workdir, 40)
     assert any("written by 1 process x 4 devices on 2 processes x 1 device" in l
                for l in grown.stderr.splitlines()), grown.stderr[-3000:]
+    assert "batch size changed on resume: 8 (checkpoint) -> 16 (this run)" in grown.stderr
+    assert (workdir / "config.20.json").exists() and third["batch_size"] == 16
 
     trained = _trained(first) + _trained(second) + _trained(third)
     # the 129 training records (16 of the 145 are the holdout), each once in epochs 0 and 1
@@ -153,12 +155,3 @@ def test_resume_on_another_number_of_processes_trains_each_record_once(tmp_path)
 
     params, _ = restore_params(str(workdir / "checkpoints" / "40"))
     assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(params))
-
-
-@pytest.mark.parametrize("count", [2])
-def test_image_folder_runs_refuse_another_process_count(count):
-    from input_pipeline.data_source import ClassificationSource  # late: TensorFlow
-
-    source = ClassificationSource(None, process_index=0, process_count=1)
-    with pytest.raises(ValueError, match="written by 2 processes and this run has 1"):
-        source.restore({"data_positions": [0] * count}, 0)
