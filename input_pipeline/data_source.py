@@ -20,7 +20,7 @@ new processes, then each its own share); the layout goes into the checkpoint as 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -59,31 +59,19 @@ class ShardSource:
         """Continues from a checkpoint's metadata: this process's position when the checkpoint
         was written by as many processes as this run, else the start of its prelude under the
         new layout (input_pipeline.relayout), with the skip counts summed onto process 0."""
-        old = relayout.Layout.from_meta(meta)
-        reasons = meta.get("skipped_by_reason") or [{}] * old.process_count
+        reasons = meta.get("skipped_by_reason") or [{}] * len(meta["data_positions"])
         damage_seen = any(r.get("damaged_file", 0) > 0 for r in reasons)
-        if old.process_count == self._process["process_count"]:
-            self.layout = old
-            self.position = int(meta["data_positions"][process_index])
-            self.skipped = int(meta.get("skipped_records", [0] * (process_index + 1))[process_index])
-            self._reasons = SkipCounter(self.position, reasons[process_index])
-            if reasons[process_index].get("damaged_file", 0) > 0:
-                self._epoch_length = self._counted_epoch_length(meta, process_index,
-                                                                old.process_count)
-            return
-        lengths = [self._counted_epoch_length(meta, p, old.process_count) if damage_seen else
-                   pipeline.train_epoch_length(self.config, process_index=p,
-                                               process_count=old.process_count)
-                   for p in range(old.process_count)]
-        self.resumed = relayout.relayout(old, [int(p) for p in meta["data_positions"]], lengths,
-                                         self._process["process_count"])
-        self.layout = self.resumed.layout
-        self.position = 0
-        if process_index == 0:  # the run's totals, kept once
-            self.skipped = sum(int(n) for n in meta.get("skipped_records", []))
-            self._reasons = SkipCounter(0, {r: sum(int(c.get(r, 0)) for c in reasons)
-                                            for r in SkipCounter.REASONS})
-        if damage_seen:
+
+        def old_epoch_length(p: int, count: int) -> int:
+            if damage_seen:
+                return self._counted_epoch_length(meta, p, count)
+            return pipeline.train_epoch_length(self.config, process_index=p, process_count=count)
+
+        _restore_progress(self, meta, process_index, old_epoch_length)
+        if self.resumed is None and reasons[process_index].get("damaged_file", 0) > 0:
+            self._epoch_length = self._counted_epoch_length(meta, process_index,
+                                                            self._process["process_count"])
+        elif self.resumed is not None and damage_seen:
             self._epoch_length = pipeline.train_epoch_length(self.config, read_payloads=True,
                                                              **self._process)
 
@@ -159,25 +147,9 @@ class ClassificationSource:
     def restore(self, meta: Mapping[str, Any], process_index: int) -> None:
         """Continues from a checkpoint's metadata: this process's position, or on another
         process count the start of its prelude (input_pipeline.relayout), as ShardSource."""
-        old = relayout.Layout.from_meta(meta)
-        reasons = meta.get("skipped_by_reason") or [{}] * old.process_count
-        if old.process_count == self._process["process_count"]:
-            self.layout = old
-            self.position = int(meta["data_positions"][process_index])
-            self.skipped = int(meta.get("skipped_records", [0] * (process_index + 1))[process_index])
-            self._reasons = SkipCounter(self.position, reasons[process_index])
-            return
-        lengths = [classification_data.train_epoch_length(
-            self.config.data, process_index=p, process_count=old.process_count)
-            for p in range(old.process_count)]
-        self.resumed = relayout.relayout(old, [int(p) for p in meta["data_positions"]], lengths,
-                                         self._process["process_count"])
-        self.layout = self.resumed.layout
-        self.position = 0
-        if process_index == 0:  # the run's totals, kept once
-            self.skipped = sum(int(n) for n in meta.get("skipped_records", []))
-            self._reasons = SkipCounter(0, {r: sum(int(c.get(r, 0)) for c in reasons)
-                                            for r in SkipCounter.REASONS})
+        _restore_progress(self, meta, process_index, lambda p, count: (
+            classification_data.train_epoch_length(self.config.data, process_index=p,
+                                                   process_count=count)))
 
     def batches(self, batch_size: int, seed: int) -> Iterator[dict[str, np.ndarray]]:
         return classification_data.build_train_dataset(
@@ -215,6 +187,32 @@ class ClassificationSource:
 
 
 DataSource = ShardSource | ClassificationSource
+
+
+def _restore_progress(source: DataSource, meta: Mapping[str, Any], process_index: int,
+                      old_epoch_length: Callable[[int, int], int]) -> None:
+    """Sets a source's layout, position and skip counts from a checkpoint's metadata: this
+    process's own when the checkpoint was written by as many processes, else the start of its
+    prelude under `relayout.relayout` (old processes' epoch lengths from
+    `old_epoch_length(process_index, process_count)`), the old skip counts summed onto
+    process 0 and `source.resumed` set."""
+    old = relayout.Layout.from_meta(meta)
+    reasons = meta.get("skipped_by_reason") or [{}] * old.process_count
+    if old.process_count == source._process["process_count"]:
+        source.layout = old
+        source.position = int(meta["data_positions"][process_index])
+        source.skipped = int(meta.get("skipped_records", [0] * (process_index + 1))[process_index])
+        source._reasons = SkipCounter(source.position, reasons[process_index])
+        return
+    lengths = [old_epoch_length(p, old.process_count) for p in range(old.process_count)]
+    source.resumed = relayout.relayout(old, [int(p) for p in meta["data_positions"]], lengths,
+                                       source._process["process_count"])
+    source.layout = source.resumed.layout
+    source.position = 0
+    if process_index == 0:  # the run's totals, kept once
+        source.skipped = sum(int(n) for n in meta.get("skipped_records", []))
+        source._reasons = SkipCounter(0, {r: sum(int(c.get(r, 0)) for c in reasons)
+                                          for r in SkipCounter.REASONS})
 
 
 def open_source(input_config: pipeline.InputConfig | classification_data.ClassificationInputConfig,

@@ -83,8 +83,8 @@ def build_train_dataset(input_config: Any, *, batch_size: int, seed: int, proces
     process = _record_processor(cfg.pp_train, "pp_train", _exclusion(cfg), cfg.strict, base_seed)
     if not cfg.strict:
         _check_records_process(mine, process, cfg)
-    raw, start_epoch = _raw_train_stream(cfg, seed, process_index, process_count, start_position,
-                                         epoch_length, layout)
+    raw, start_epoch = _raw_train_stream(cfg, seed, mine, process_index, process_count,
+                                         start_position, epoch_length, layout)
     ds = raw.map(process, num_parallel_calls=cfg.num_parallel_calls, deterministic=True)
     if not cfg.strict:
         # Drops records that are not a tf.Example or whose image does not decode (counted as
@@ -225,7 +225,8 @@ def stream_records(input_config: Any, *, seed: int, process_index: int = 0,
     (everything below a process's checkpointed position), e.g. across an elastic resume.
     """
     cfg = InputConfig.from_config(input_config)
-    raw, _ = _raw_train_stream(cfg, seed, process_index, process_count, start, epoch_length,
+    mine = _training_sources(cfg, process_index, process_count)
+    raw, _ = _raw_train_stream(cfg, seed, mine, process_index, process_count, start, epoch_length,
                                layout, mark_prelude=False)
     return [(r["_path"].decode(), int(r["_record"]), int(r["_epoch"]))
             for _, r in raw.take(stop - start).as_numpy_iterator()]
@@ -273,19 +274,20 @@ def _prelude(cfg: InputConfig, seed: int, pieces: tuple[relayout.StreamPiece, ..
     return functools.reduce(tf.data.Dataset.concatenate, parts)
 
 
-def _raw_train_stream(cfg: InputConfig, seed: int, process_index: int, process_count: int,
+def _raw_train_stream(cfg: InputConfig, seed: int, mine: list[sources.FileSlice],
+                      process_index: int, process_count: int,
                       start_position: int, epoch_length: int | None = None,
                       layout: relayout.Layout | None = None, mark_prelude: bool = True
                       ) -> tuple[tf.data.Dataset, int]:
     """Endless (index, raw record dict) stream from raw record `start_position`, and its first
-    epoch. Raw records are `sources.read_file_records` dicts plus `_epoch`. With a `layout`, the
+    epoch, over this process's files `mine` (`_training_sources`). Raw records are
+    `sources.read_file_records` dicts plus `_epoch`. With a `layout`, the
     process's prelude comes first; its records have `_epoch` -1 (one pseudo-epoch, so the
     empty-epoch guard never fires on a short piece) unless not `mark_prelude`."""
     layout = layout or relayout.Layout(process_count)
     if layout.process_count != process_count:
         raise ValueError(f"a layout of {layout.process_count} processes cannot serve process "
                          f"{process_index} of {process_count}")
-    mine = _training_sources(cfg, process_index, process_count)
     epoch_records = _epoch_reader(mine, tf.constant([seed, process_index], tf.int64), cfg)
     prelude_length = layout.prelude_length(process_index)
     if start_position < prelude_length:
