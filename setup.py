@@ -26,7 +26,7 @@ setup(
         "importlib_resources",  # tensorflow-datasets' download_and_prepare needs it via etils
     ],
     extras_require={
-        "test": ["pytest>=8", "ruff>=0.6", "pyarrow>=14", "pillow>=9", "scikit-learn>=1.3", "matplotlib>=3.7", "psutil>=5.9"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6", "pyarrow>=14", "pillow>=9", "scikit-learn>=1.3", "matplotlib>=3.7", "psutil>=5.9"],
         "demo": ["scikit-learn>=1.3"],  # the fine-tuning demo writes sklearn's digits as an image folder
         "plots": ["matplotlib>=3.7"],   # PNGs of data statistics and sweep curves
         "data": ["pyarrow>=14", "pillow>=9", "matplotlib>=3.7"],  # metadata parquet tools

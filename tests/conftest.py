@@ -41,9 +41,30 @@ def no_compilation_cache():
     jax.config.update("jax_enable_compilation_cache", True)
 
 
+# The suite runs on 2 pytest-xdist workers (pytest.ini), each test file whole on one worker so
+# that its module-scoped runs are made once; files that share a session-scoped run form one group.
+# The slowest files go first, so that neither worker is left with one of them at the end.
+_SHARED_RUNS = {"tests/training/test_elastic_resume.py": "tests/training/test_multiprocess.py"}
+_SLOWEST_FIRST = ("tests/training/test_train_loop.py", "tests/training/test_multiprocess.py",
+                  "tests/training/test_elastic_resume.py", "tests/tools/test_sweep.py",
+                  "tests/models/test_model.py", "tests/training/test_train_step.py",
+                  "tests/benchmarks/test_benchmarks.py", "tests/training/test_finetune.py")
+
+
+def _test_file(item) -> str:
+    return item.nodeid.split("::")[0]
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(config, items) -> None:
-    """Without ../shared, every test that reads it (through the fixtures below or a module's
-    `SHARED` paths, imported from here) is skipped with the reason, not failed."""
+    """Groups each file's tests for xdist and puts the slowest files first. Without ../shared,
+    every test that reads it (through the fixtures below or a module's `SHARED` paths, imported
+    from here) is skipped with the reason, not failed."""
+    rank = {name: i for i, name in enumerate(_SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(_test_file(item), len(rank)))  # stable: file order kept
+    for item in items:
+        group = _SHARED_RUNS.get(_test_file(item), _test_file(item))
+        item.add_marker(pytest.mark.xdist_group(group))
     if (SHARED / "fixtures").is_dir():
         return
     skip = pytest.mark.skip(reason=f"the shared reference artifacts are not at {SHARED} (they "

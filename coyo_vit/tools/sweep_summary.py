@@ -9,12 +9,14 @@ sorted metric.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 METRICS_FILE = "metrics.jsonl"
@@ -44,11 +46,17 @@ class PointResult:
         return f"stopped at {self.checkpoint_step}/{self.total_steps}"
 
 
-def _gfile():
-    """tf.io.gfile: local paths and gs:// alike. Imported late: `sweep --help` and sweep
-    expansion stay free of TensorFlow's start-up."""
-    import tensorflow as tf
-    return tf.io.gfile
+def _file_system(path: str) -> SimpleNamespace:
+    """isdir, listdir, exists and open for `path`: the os module's for local paths, which keeps
+    TensorFlow's start-up out of `sweep --help`, expansion and local points; tf.io.gfile's for
+    URLs (gs://, TensorFlow's other file systems)."""
+    if "://" not in path:
+        return SimpleNamespace(isdir=os.path.isdir, listdir=os.listdir, exists=os.path.exists,
+                               open=functools.partial(open, encoding="utf-8"))
+    import tensorflow as tf  # late: only URLs need TensorFlow's file systems
+    gfile = tf.io.gfile
+    return SimpleNamespace(isdir=gfile.isdir, listdir=gfile.listdir, exists=gfile.exists,
+                           open=gfile.GFile)
 
 
 def latest_checkpoint_step(workdir: str) -> int | None:
@@ -57,24 +65,24 @@ def latest_checkpoint_step(workdir: str) -> int | None:
     Complete = a `<step>/` directory holding both items; orbax writes a step under a temporary
     name and renames it when done, so a half-written step is never counted.
     """
-    gfile = _gfile()
+    fs = _file_system(workdir)
     directory = os.path.join(workdir, CHECKPOINT_SUBDIR)
-    if not gfile.isdir(directory):
+    if not fs.isdir(directory):
         return None
-    names = [name.rstrip("/") for name in gfile.listdir(directory)]  # gs:// dirs list as "N/"
+    names = [name.rstrip("/") for name in fs.listdir(directory)]  # gs:// dirs list as "N/"
     steps = [int(name) for name in names if name.isdigit()
-             and gfile.isdir(os.path.join(directory, name, STATE_ITEM))
-             and gfile.isdir(os.path.join(directory, name, META_ITEM))]
+             and fs.isdir(os.path.join(directory, name, STATE_ITEM))
+             and fs.isdir(os.path.join(directory, name, META_ITEM))]
     return max(steps) if steps else None
 
 
 def read_metrics(path: str) -> list[dict[str, Any]]:
     """The records of a metrics.jsonl; a half-written last line (a killed run) is ignored."""
-    gfile = _gfile()
-    if not gfile.exists(path):
+    fs = _file_system(path)
+    if not fs.exists(path):
         return []
     records = []
-    with gfile.GFile(path, "r") as f:
+    with fs.open(path, "r") as f:
         lines = f.read().splitlines()
     for number, line in enumerate(lines, 1):
         if not line.strip():

@@ -2,14 +2,14 @@
 
 Order of events: Ctrl-C watched -> parse and check the whole config -> mesh and batch split ->
 the workdir's latest checkpoint: its config.json compared with this run's, or "already
-finished" -> config.init found -> model, optimizer and the state's shardings -> evaluators
-built and (where their data is not the run's own) their data found and class counts checked
--> the training files found (shards, image folders). Only then is anything written: the data (demo data written, TFDS prepared) -> the remaining
-evaluators' data checked -> config.json -> restore the latest checkpoint of the workdir or
-initialise -> the data stream from the restored position -> steps, with periodic logging,
-asynchronous checkpoints and evaluations. Ctrl-C before the first step stops at once (exit
-130); during training it finishes the step, checkpoints it and exits 130, like SIGTERM (which
-exits 0).
+finished" (all of this without TensorFlow, in seconds) -> model, optimizer and the state's
+shardings -> evaluators built and (where their data is not the run's own) their data found and
+class counts checked -> the training files found (shards, image folders). Only then is anything
+written: the data (demo data written, TFDS prepared) -> the remaining evaluators' data checked ->
+config.json -> restore the latest checkpoint of the workdir or initialise -> the data stream
+from the restored position -> steps, with periodic logging, asynchronous checkpoints and
+evaluations. Ctrl-C before the first step stops at once (exit 130); during training it finishes
+the step, checkpoints it and exits 130, like SIGTERM (which exits 0).
 """
 from __future__ import annotations
 
@@ -33,7 +33,6 @@ from coyo_vit.models import Model, count_params
 from coyo_vit.training import run_config, runtime, sharding
 from coyo_vit.training import workdir as workdir_record
 from coyo_vit.training.evaluators.registry import build_evaluators, is_due
-from coyo_vit.training.metric_logging import MetricLogger
 from coyo_vit.training.step import (
     TrainState,
     compiler_options_for_mesh,
@@ -66,10 +65,6 @@ def run(config: ml_collections.ConfigDict, workdir: str,
 def _run(config: ml_collections.ConfigDict, workdir: str, preemption: runtime.PreemptionWatcher,
          run_cfg: run_config.RunConfig | None) -> TrainState | None:
     run_cfg = run_cfg or run_config.parse(config, workdir)  # every section checked before any work
-    # Late: TensorFlow (data, gs:// files) only once the config is known good.
-    import tensorflow as tf
-
-    from input_pipeline import data_source  # late, with TensorFlow
     # Before anything compiles: JAX picks its cache directory at the first compilation.
     runtime.enable_compilation_cache(run_cfg.compilation_cache_dir)
     process_index, process_count = jax.process_index(), jax.process_count()
@@ -96,6 +91,12 @@ def _run(config: ml_collections.ConfigDict, workdir: str, preemption: runtime.Pr
             logging.info("already finished at step %d (config.total_steps=%d) in %s; raise "
                          "--config.total_steps to train further", latest, run_cfg.total_steps, workdir)
             return None
+    # Late: TensorFlow (data, gs:// files, clu's writers) only once the config, the mesh and the
+    # workdir are known good, so that those errors and a finished run's rerun take seconds.
+    import tensorflow as tf
+
+    from coyo_vit.training.metric_logging import MetricLogger  # late: clu imports TensorFlow
+    from input_pipeline import data_source  # late: TensorFlow
 
     # Model, optimizer and where every piece of the state lives.
     model = run_cfg.model

@@ -69,9 +69,9 @@ def check_resume(workdir: str, config: ml_collections.ConfigDict) -> dict[str, t
     resume; raises ValueError naming every key a resume may not change; returns the (allowed)
     differences. A workdir without config.json has nothing to compare: {}."""
     path = os.path.join(workdir, CONFIG_FILE)
-    if not _gfile().exists(path):
+    if not (os.path.exists(path) if "://" not in path else _gfile().exists(path)):
         return {}
-    with _gfile().GFile(path, "r") as f:
+    with _open_for_reading(path) as f:
         saved = json.load(f)
     changed = differences(saved, as_json(config))
     refused = {key: values for key, values in changed.items() if not is_safe(key)}
@@ -157,8 +157,13 @@ def saved_config_file(workdir: str, step: int) -> str | None:
 
 def read_config(path: str) -> ml_collections.ConfigDict:
     """A saved config.json (or config.<step>.json) as a ConfigDict; its placeholders are None."""
-    with open(path, encoding="utf-8") if "://" not in path else _gfile().GFile(path, "r") as f:
+    with _open_for_reading(path) as f:
         return ml_collections.ConfigDict(json.load(f))
+
+
+def _open_for_reading(path: str):
+    """A text file: open() for local paths (no TensorFlow import just to read one), gfile else."""
+    return open(path, encoding="utf-8") if "://" not in path else _gfile().GFile(path, "r")
 
 
 class _Absent:

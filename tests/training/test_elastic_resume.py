@@ -13,7 +13,14 @@ import numpy as np
 from checkpoints.orbax_io import restore_params
 from input_pipeline import relayout
 from tests.conftest import REPO
-from tests.training.test_multiprocess import SHARDS, _env, _launch
+from tests.training.conftest import (
+    SHARDS,
+    TINY_STEPS,
+    copy_run,
+    launch,
+    process_env,
+    tiny_train_args,
+)
 
 SEED = 3  # tests/tiny_config.py's
 
@@ -89,14 +96,13 @@ def test_layout_round_trips_through_checkpoint_metadata():
 
 def _train(workdir: Path, total_steps: int, processes: int, devices: int, *extra: str
            ) -> subprocess.CompletedProcess:
-    args = ["--config", f"{REPO / 'tests/tiny_config.py'}:{SHARDS}", "--workdir", str(workdir),
-            "--config.mesh.fsdp=2", f"--config.total_steps={total_steps}",
-            "--config.eval_every_steps=0", "--config.checkpoint_every_steps=100", *extra]
+    args = tiny_train_args(workdir, f"--config.total_steps={total_steps}",
+                           "--config.eval_every_steps=0", "--config.checkpoint_every_steps=100",
+                           *extra)
     if processes > 1:
-        command = _launch(str(REPO / "train.py"), *args, processes=processes, devices=devices)
-        env = _env()
+        command, env = launch(str(REPO / "train.py"), *args, processes=processes, devices=devices), process_env()
     else:
-        command, env = [sys.executable, str(REPO / "train.py"), *args], _env(devices=devices)
+        command, env = [sys.executable, str(REPO / "train.py"), *args], process_env(devices=devices)
     run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     return run
@@ -124,17 +130,19 @@ def _trained(meta: dict, since: list[int] | None = None) -> list[tuple[str, int,
         for q in range(layout.process_count)))
 
 
-def test_resume_on_another_number_of_processes_trains_each_record_once(tmp_path):
-    workdir = tmp_path / "run"
-    _train(workdir, 6, 2, 2)  # global batch 8: 24 records of each stream
-    first = _meta(workdir, 6)
+def test_resume_on_another_number_of_processes_trains_each_record_once(tmp_path, two_process_run):
+    # The shared 2-process x 2-device run (global batch 8, 12 steps) goes on with 1 x 4, then 2 x 1.
+    workdir = copy_run(two_process_run[0], tmp_path / "run")
+    first = _meta(workdir, TINY_STEPS)
     assert first["devices"] == [2, 2]
 
     shrunk = _train(workdir, 20, 1, 4)
     second = _meta(workdir, 20)
-    line = next(l for l in shrunk.stderr.splitlines() if "resumed step 6 written by" in l)
-    assert "written by 2 processes x 2 devices on 1 process x 4 devices; 81 of 129 records of " \
-           "epoch 0 remain; then epoch 1 over 1 process" in line, line
+    line = next(l for l in shrunk.stderr.splitlines() if f"resumed step {TINY_STEPS} written by" in l)
+    # 12 steps of 8 records (and any bad records skipped on the way) of the 129 of epoch 0
+    remaining = 129 - sum(first["data_positions"])
+    assert ("written by 2 processes x 2 devices on 1 process x 4 devices; "
+            f"{remaining} of 129 records of epoch 0 remain; then epoch 1 over 1 process") in line, line
     assert relayout.Layout.from_meta(second).base_epoch == 1
 
     grown = _train(workdir, 40, 2, 1, "--config.batch_size=16")  # and a larger global batch

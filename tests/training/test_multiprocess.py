@@ -4,38 +4,30 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
 
 from checkpoints.orbax_io import restore_params
-from tests.conftest import REPO, SHARED
-
-SHARDS = str(SHARED / "fixtures" / "coyo_shards" / "shards" / "*.tfrecord")
-
-
-def _env(devices: int | None = None) -> dict[str, str]:
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    if devices:
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    return env
-
-
-def _launch(*command: str, processes: int = 2, devices: int = 2) -> list[str]:
-    return [sys.executable, "-m", "coyo_vit.tools.launch_local", "--num_processes", str(processes),
-            "--devices_per_process", str(devices), "--", sys.executable, *command]
+from tests.conftest import REPO
+from tests.training.conftest import (
+    TINY_STEPS,
+    checkpoint_steps,
+    launch,
+    process_env,
+    tiny_train_args,
+)
 
 
 def test_two_processes_equal_one_process_with_four_devices(tmp_path):
     worker = str(REPO / "tests" / "distributed_step_worker.py")
     (tmp_path / "multi").mkdir()
     (tmp_path / "single").mkdir()
-    multi = subprocess.run(_launch(worker, str(tmp_path / "multi"), "2,2,1"), cwd=REPO, env=_env(),
+    multi = subprocess.run(launch(worker, str(tmp_path / "multi"), "2,2,1"), cwd=REPO, env=process_env(),
                            capture_output=True, text=True, timeout=300)
     assert multi.returncode == 0, multi.stderr[-3000:]
     single = subprocess.run([sys.executable, worker, str(tmp_path / "single"), "2,2,1"], cwd=REPO,
-                            env=_env(devices=4), capture_output=True, text=True, timeout=300)
+                            env=process_env(devices=4), capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr[-3000:]
     p0, p1 = (np.load(tmp_path / "multi" / f"params_{i}.npz") for i in (0, 1))
     ref = np.load(tmp_path / "single" / "params_0.npz")
@@ -45,30 +37,19 @@ def test_two_processes_equal_one_process_with_four_devices(tmp_path):
         np.testing.assert_allclose(p0[key], ref[key], atol=1e-5)  # and it is the 1-process result
 
 
-def _train(workdir: Path, *extra: str) -> list[str]:
-    return _launch(str(REPO / "train.py"), "--config", f"{REPO / 'tests/tiny_config.py'}:{SHARDS}",
-                   "--workdir", str(workdir), "--config.mesh.fsdp=2", *extra)
-
-
-def _steps(workdir: Path) -> list[int]:
-    ckpt = workdir / "checkpoints"
-    return sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) if ckpt.exists() else []
-
-
-def test_two_process_preemption_and_exact_resume(tmp_path):
-    reference = subprocess.run(_train(tmp_path / "reference"), cwd=REPO, env=_env(),
-                               capture_output=True, text=True, timeout=600)
-    assert reference.returncode == 0, reference.stderr[-3000:]
+def test_two_process_preemption_and_exact_resume(tmp_path, two_process_run):
+    reference_dir, reference = two_process_run
     # Only process 0 prints metrics and progress (launch_local prefixes each line with [rank]).
     lines = (reference.stdout + reference.stderr).splitlines()
     metric_lines = [line for line in lines if "train/loss=" in line or " steps/s, " in line]
     assert metric_lines and all(line.startswith("[0] ") for line in metric_lines), metric_lines
 
     workdir = tmp_path / "preempted"
-    launcher = subprocess.Popen(_train(workdir), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
+    command = launch(str(REPO / "train.py"), *tiny_train_args(workdir))
+    launcher = subprocess.Popen(command, cwd=REPO, env=process_env(), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
-    while not _steps(workdir):  # first checkpoint (step 4) on disk: the run is mid-way
+    while not checkpoint_steps(workdir):  # first checkpoint (step 4) on disk: the run is mid-way
         assert launcher.poll() is None and time.time() < deadline
         time.sleep(0.05)
     launcher.send_signal(signal.SIGTERM)  # forwarded to both processes, as a scheduler does
@@ -78,15 +59,15 @@ def test_two_process_preemption_and_exact_resume(tmp_path):
     assert len(stops) == 2, stderr[-3000:]  # both processes stopped...
     stopped = {int(line.split("checkpoint of step ")[1].split()[0]) for line in stops}
     assert len(stopped) == 1  # ...at the same step
-    assert _steps(workdir)[-1] == stopped.pop() < 12
+    assert checkpoint_steps(workdir)[-1] == stopped.pop() < TINY_STEPS
 
-    resumed = subprocess.run(_train(workdir), cwd=REPO, env=_env(), capture_output=True, text=True,
+    resumed = subprocess.run(command, cwd=REPO, env=process_env(), capture_output=True, text=True,
                              timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Resumed from step" in resumed.stderr
-    assert _steps(workdir)[-1] == _steps(tmp_path / "reference")[-1] == 12
-    got, want = restore_params(str(workdir))[0], restore_params(str(tmp_path / "reference"))[0]
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    assert checkpoint_steps(workdir)[-1] == checkpoint_steps(reference_dir)[-1] == TINY_STEPS
+    got, want = restore_params(str(workdir))[0], restore_params(str(reference_dir))[0]
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
 
 

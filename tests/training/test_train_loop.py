@@ -51,53 +51,6 @@ def reference_run(tmp_path_factory, demo_dir) -> Path:
     return workdir
 
 
-def test_resume_after_kill_equals_uninterrupted_run(tmp_path, demo_dir, reference_run):
-    workdir = tmp_path / "interrupted"
-    # Both runs share a compilation cache: the resumed one loads the steps the killed one
-    # compiled, and must still end bitwise-close to the uncached reference run.
-    # JAX caches only programs that took >= 1 s to compile unless told otherwise.
-    cache = f"--config.compilation_cache_dir={tmp_path / 'xla_cache'}"
-    env = {**os.environ, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-    proc = subprocess.Popen(_train_cmd(workdir, demo_dir, cache), cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=env)
-    deadline = time.time() + 300
-    while not any(4 <= s < STEPS for s in _finished_steps(workdir)):
-        assert proc.poll() is None, "training ended before it could be interrupted"
-        assert time.time() < deadline
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed_at = max(_finished_steps(workdir))
-    assert killed_at < STEPS
-    # What a kill -9 in the middle of a later checkpoint write leaves behind: orbax's temporary
-    # directory, never renamed to its step. A restart must neither pick it up nor trip over it.
-    partial = workdir / "checkpoints" / f"{killed_at + 4}.orbax-checkpoint-tmp"
-    (partial / "state").mkdir(parents=True, exist_ok=True)
-    (partial / "state" / "half_written").write_bytes(b"\0" * 100)
-
-    cached = set(os.listdir(tmp_path / "xla_cache"))
-    assert any(name.startswith("jit_step") for name in cached), sorted(cached)
-    result = _run(_train_cmd(workdir, demo_dir, cache), env=env)  # same command: resumes with no flag
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert f"Resumed from step {killed_at}" in result.stderr
-    assert not partial.exists()
-
-    resumed, resumed_kwargs = restore_params(str(workdir))
-    reference, reference_kwargs = restore_params(str(reference_run))
-    assert resumed_kwargs == reference_kwargs
-    assert _finished_steps(workdir)[-1] == _finished_steps(reference_run)[-1] == STEPS
-    flat_a = jax_leaves(resumed)
-    flat_b = jax_leaves(reference)
-    assert len(flat_a) == len(flat_b)
-    for a, b in zip(flat_a, flat_b):
-        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
-
-    # metrics.jsonl reads as one run: each train step logged once, in order.
-    steps = [json.loads(line)["step"] for line in open(workdir / "metrics.jsonl")
-             if "train/loss" in line]
-    assert steps == list(range(4, STEPS + 1, 4))
-
-
 def jax_leaves(tree):
     import jax
     return jax.tree.leaves(tree)
@@ -210,7 +163,7 @@ def _snapshot(directory: Path) -> dict[str, tuple[int, int]]:
             for p in directory.rglob("*") if p.is_file()}
 
 
-def _start(cmd) -> tuple[subprocess.Popen, list[str]]:
+def _start(cmd, env=None) -> tuple[subprocess.Popen, list[str]]:
     """Starts `cmd`, collecting its stderr lines in a list as they come."""
     import threading
     # SIGINT as a terminal's process has it: a shell's background job (e.g. pytest under `&`)
@@ -218,7 +171,7 @@ def _start(cmd) -> tuple[subprocess.Popen, list[str]]:
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                text=True)
+                                text=True, env=env)
     finally:
         signal.signal(signal.SIGINT, previous)
     lines: list[str] = []
@@ -241,14 +194,22 @@ def _wait_for_checkpoint_after(proc, lines, workdir: Path, step: int) -> None:
         time.sleep(0.05)
 
 
-def test_sigterm_and_ctrl_c_checkpoint_the_current_step_and_the_same_command_resumes(
+def test_sigterm_ctrl_c_and_kill_keep_progress_and_the_same_command_resumes_exactly(
         tmp_path, demo_dir, reference_run):
+    """One run stopped three ways in turn, each resumed by the same command: SIGTERM (a
+    scheduler's preemption notice) and Ctrl-C checkpoint the current step; kill -9 loses only the
+    steps since the last checkpoint. The end result is the uninterrupted reference run's."""
     workdir = tmp_path / "stopped"
     # Checkpoints at every step (the cadence does not change the result): each signal below is
-    # sent as soon as the run is past its last stop, and comes well before the last step.
-    every_step = "--config.checkpoint_every_steps=1"
-    # SIGTERM (a scheduler's preemption notice): the current step is checkpointed, exit 0.
-    proc, lines = _start(_train_cmd(workdir, demo_dir, every_step))
+    # sent as soon as the run is past its last stop, and comes well before the last step. The
+    # runs share a compilation cache of their own: the resumed ones load the steps the first
+    # compiled, and must still end bitwise-close to the reference run. JAX caches only programs
+    # that took >= 1 s to compile unless told otherwise.
+    common = ["--config.checkpoint_every_steps=1",
+              f"--config.compilation_cache_dir={tmp_path / 'xla_cache'}"]
+    env = {**os.environ, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    # SIGTERM: the current step is checkpointed, exit 0.
+    proc, lines = _start(_train_cmd(workdir, demo_dir, *common), env)
     _wait_for_checkpoint_after(proc, lines, workdir, 0)
     proc.send_signal(signal.SIGTERM)
     stderr = _finish(proc, lines)
@@ -256,11 +217,13 @@ def test_sigterm_and_ctrl_c_checkpoint_the_current_step_and_the_same_command_res
     preempted = int(stderr.split("Preempted: checkpoint of step ")[1].split()[0])
     assert _finished_steps(workdir)[-1] == preempted < STEPS
     first_config = (workdir / "config.json").read_text()
+    cached = set(os.listdir(tmp_path / "xla_cache"))
+    assert any(name.startswith("jit_step") for name in cached), sorted(cached)
 
     # The same command, here with a safe change (the log cadence), resumes; its config is kept
     # beside the first. Ctrl-C: the current step is checkpointed, exit 130, one line says so.
-    again = _train_cmd(workdir, demo_dir, every_step, "--config.log_every_steps=2")
-    proc, lines = _start(again)
+    again = _train_cmd(workdir, demo_dir, *common, "--config.log_every_steps=2")
+    proc, lines = _start(again, env)
     _wait_for_checkpoint_after(proc, lines, workdir, preempted)
     proc.send_signal(signal.SIGINT)
     stderr = _finish(proc, lines)
@@ -272,15 +235,35 @@ def test_sigterm_and_ctrl_c_checkpoint_the_current_step_and_the_same_command_res
     assert (workdir / "config.json").read_text() == first_config
     assert json.loads((workdir / f"config.{preempted}.json").read_text())["log_every_steps"] == 2
 
-    result = _run(again)
+    # kill -9: nothing is saved on the way out.
+    proc, lines = _start(again, env)
+    _wait_for_checkpoint_after(proc, lines, workdir, interrupted)
+    proc.send_signal(signal.SIGKILL)
+    _finish(proc, lines)
+    killed_at = max(_finished_steps(workdir))
+    assert interrupted < killed_at < STEPS
+    # What a kill -9 in the middle of a later checkpoint write leaves behind: orbax's temporary
+    # directory, never renamed to its step. A restart must neither pick it up nor trip over it.
+    partial = workdir / "checkpoints" / f"{killed_at + 1}.orbax-checkpoint-tmp"
+    (partial / "state").mkdir(parents=True, exist_ok=True)
+    (partial / "state" / "half_written").write_bytes(b"\0" * 100)
+
+    result = _run(again, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"Resumed from step {interrupted}" in result.stderr
-    # The stopped runs logged the steps since their last log line before they exited.
-    logged = [r["step"] for r in map(json.loads, open(workdir / "metrics.jsonl")) if "train/loss" in r]
-    assert preempted in logged and interrupted in logged
-    for a, b in zip(jax_leaves(restore_params(str(workdir))[0]),
-                    jax_leaves(restore_params(str(reference_run))[0])):
+    assert f"Resumed from step {killed_at}" in result.stderr
+    assert not partial.exists()
+    resumed, resumed_kwargs = restore_params(str(workdir))
+    reference, reference_kwargs = restore_params(str(reference_run))
+    assert resumed_kwargs == reference_kwargs
+    assert _finished_steps(workdir)[-1] == _finished_steps(reference_run)[-1] == STEPS
+    for a, b in zip(jax_leaves(resumed), jax_leaves(reference), strict=True):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+    # metrics.jsonl reads as one run: each train step logged once, in order (the killed run's
+    # lines beyond its last checkpoint dropped). The stopped runs logged the steps since their
+    # last log line before they exited.
+    logged = [r["step"] for r in map(json.loads, open(workdir / "metrics.jsonl")) if "train/loss" in r]
+    assert logged == sorted(set(logged)) and logged[-1] == STEPS, logged
+    assert preempted in logged and interrupted in logged
 
 
 def test_ctrl_c_before_training_starts_stops_at_once_with_one_line(tmp_path, demo_dir):
