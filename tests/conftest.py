@@ -11,12 +11,6 @@ import pytest
 # Must happen before jax is imported anywhere in the test session.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# `import tensorflow` eagerly imports Keras 3's optimizers (and with them scikit-learn): ~1.7 s of
-# the ~6 s it takes, in each of the suite's ~40 processes that load TensorFlow. Nothing here uses
-# Keras; with the legacy switch TensorFlow looks for tf_keras instead, which is not installed, and
-# skips that import. Inherited by every subprocess; COYO_VIT_TEST_KERAS=1 keeps TF's default.
-if os.environ.get("COYO_VIT_TEST_KERAS") != "1":
-    os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 # One XLA compilation cache for the whole session, inherited by every subprocess: the many
 # train.py runs of one tiny config (resumes, preemptions, sweeps) and the tests that build the
 # same step compile it once. A cached program is the one XLA would compile again, so results do
