@@ -65,6 +65,7 @@ from input_pipeline import (
     relayout,
 )
 from input_pipeline.dataset_common import (
+    as_written,
     check_process,
     check_seed,
     dataset_options,
@@ -186,11 +187,11 @@ def build_train_dataset(input_config: Any, *, batch_size: int, seed: int, proces
         ds = ds.ignore_errors()
     ds = ds.scan(SkipScan.initial(start_position // epoch_length), SkipScan.step)
     ds = ds.scan(SkipNames.initial(start_position), SkipNames.step)
-    ds = ds.filter(lambda ex: tf.equal(ex["_reason"], 0))
+    ds = ds.filter(as_written(lambda ex: tf.equal(ex["_reason"], 0)))
     dropped = {"_reason", "_epoch", "_name", "_recent"} | (
         set() if skip_counts else {"_skipped", "_skipped_names"})
     ds = ds.batch(batch_size, drop_remainder=True)
-    ds = ds.map(lambda batch: {k: v for k, v in batch.items() if k not in dropped})
+    ds = ds.map(as_written(lambda batch: {k: v for k, v in batch.items() if k not in dropped}))
     return ds.prefetch(cfg.prefetch).with_options(dataset_options(cfg.ram_budget_gb))
 
 
@@ -231,7 +232,7 @@ def build_eval_dataset(input_config: Any, *, split: str | None = None, batch_siz
     ds = source.examples(process_index, process_count, cfg)
     ds = ds.map(process, num_parallel_calls=cfg.num_parallel_calls, deterministic=True)
     _check_num_classes(ds.element_spec, source, "pp_eval")
-    ds = ds.batch(batch_size).map(lambda b: pad_batch(b, batch_size))
+    ds = ds.batch(batch_size).map(as_written(lambda b: pad_batch(b, batch_size)))
     empty = tf.nest.map_structure(lambda s: tf.zeros(s.shape, s.dtype), ds.element_spec)
     ds = ds.concatenate(tf.data.Dataset.from_tensors(empty).repeat()).take(num_batches)
     return ds.prefetch(cfg.prefetch).with_options(dataset_options(cfg.ram_budget_gb))
@@ -255,6 +256,7 @@ class _FolderSource:
         return list(self.folder.paths[start:stop]), list(self.folder.labels[start:stop])
 
     @staticmethod
+    @as_written
     def _read(path: tf.Tensor, label: tf.Tensor) -> dict[str, tf.Tensor]:
         return {"image": tf.io.read_file(path), "label": tf.cast(label, tf.int32),
                 "file_name": tf.strings.split(path, "/")[-1], "_path": path}
@@ -280,6 +282,7 @@ class _FolderSource:
         shuffle_seed = tf.random.experimental.stateless_fold_in(
             tf.constant([seed, process_index], tf.int64), _SHUFFLE_STREAM)
 
+        @as_written
         def read(e: tf.Tensor, start: tf.Tensor, take: tf.Tensor) -> tf.data.Dataset:
             order = tf.random.experimental.stateless_shuffle(
                 tf.range(len(paths), dtype=tf.int64),
@@ -362,6 +365,7 @@ class _TfdsSource:
         spec = self.spec
         has_name = spec.file_name_key in self.builder.info.features
 
+        @as_written
         def rename(ex: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
             return {"image": ex[spec.image_key], "label": tf.cast(ex[spec.label_key], tf.int32),
                     "file_name": ex[spec.file_name_key] if has_name else tf.constant("")}
@@ -380,6 +384,7 @@ class _TfdsSource:
         shuffle_seed = tf.random.experimental.stateless_fold_in(
             tf.constant([seed, process_index], tf.int64), _SHUFFLE_STREAM)
 
+        @as_written
         def read(e: tf.Tensor, start: tf.Tensor, take: tf.Tensor) -> tf.data.Dataset:
             epoch_seed = tf.random.stateless_uniform(
                 [], tf.random.experimental.stateless_fold_in(shuffle_seed, e), minval=None,
@@ -420,16 +425,16 @@ def _train_stream(source: Any, cfg: ClassificationInputConfig, seed: int, proces
             if key not in readers:
                 readers[key] = source.epoch_reader(*key, seed, cfg)[0]
             parts.append(tf.data.Dataset.from_tensors(tf.constant(piece.epoch, tf.int64)).flat_map(
-                lambda e, r=readers[key], p=piece: r(e, p.start, p.length)))
+                as_written(lambda e, r=readers[key], p=piece: r(e, p.start, p.length))))
         own = tf.data.Dataset.range(layout.base_epoch, _INT64_MAX).flat_map(
-            lambda e: read(e, 0, None))
+            as_written(lambda e: read(e, 0, None)))
         ds = functools.reduce(tf.data.Dataset.concatenate, parts).concatenate(own)
         return ds.enumerate().skip(start_position), length
     start_epoch, skip = divmod(start_position - prelude_length, length)
     start_epoch += layout.base_epoch
     ds = tf.data.Dataset.range(start_epoch, _INT64_MAX).flat_map(
-        lambda e: read(e, tf.where(tf.equal(e, start_epoch), tf.constant(skip, tf.int64),
-                                   tf.constant(0, tf.int64)), None))
+        as_written(lambda e: read(e, tf.where(tf.equal(e, start_epoch), tf.constant(skip, tf.int64),
+                                              tf.constant(0, tf.int64)), None)))
     return ds.enumerate(start=start_position), length
 
 
@@ -510,7 +515,7 @@ def _check_stream_progresses(source: Any, process: Any, cfg: ClassificationInput
     image that does not decode is dropped before the skip-count scan, so data that damaged (or
     a pp that fails on every image) would leave the endless stream spinning with no error."""
     probe = source.examples(process_index, process_count, cfg).take(_PROBE_EXAMPLES).enumerate()
-    probe = probe.map(lambda index, ex: process(index, ex, tf.fill([SkipNames.LOG_FIRST], "")))
+    probe = probe.map(as_written(lambda index, ex: process(index, ex, tf.fill([SkipNames.LOG_FIRST], ""))))
     for _ in probe.ignore_errors().take(1):  # quietly: TF logs each error an iterator raises
         return
     errors = errors_before_progress(probe)

@@ -32,6 +32,7 @@ import tensorflow as tf
 from coyo_vit.input_config import InputConfig, check_int
 from input_pipeline import damage, pp_parser, relayout, sources
 from input_pipeline.dataset_common import (
+    as_written,
     check_process,
     check_seed,
     dataset_options,
@@ -91,11 +92,11 @@ def build_train_dataset(input_config: Any, *, batch_size: int, seed: int, proces
         # `unreadable` by SkipCounter); every other problem has a reason and reaches the scan.
         ds = ds.ignore_errors()
     ds = ds.scan(SkipScan.initial(start_epoch), SkipScan.step)
-    ds = ds.filter(lambda ex: tf.equal(ex["_reason"], 0))
+    ds = ds.filter(as_written(lambda ex: tf.equal(ex["_reason"], 0)))
     dropped = {"_reason", "_epoch"} | (set() if skip_counts else {"_skipped"})
     ds = ds.batch(batch_size, drop_remainder=True)
     # Dropping bookkeeping keys once per batch, not per record, is measurably cheaper (~7-30%).
-    ds = ds.map(lambda batch: {k: v for k, v in batch.items() if k not in dropped})
+    ds = ds.map(as_written(lambda batch: {k: v for k, v in batch.items() if k not in dropped}))
     return ds.prefetch(cfg.prefetch).with_options(dataset_options(cfg.ram_budget_gb))
 
 
@@ -125,7 +126,8 @@ def _check_records_process(mine: list[sources.FileSlice], process: Callable, cfg
     the endless stream spinning with no example and no error. Data damaged that thoroughly is
     reported here too. Reads the first records in file order, unshuffled: no buffer to fill.
     """
-    probe = _read_slices(mine, cfg).map(lambda raw: {**raw, "_epoch": tf.constant(0, tf.int64)})
+    probe = _read_slices(mine, cfg).map(
+        as_written(lambda raw: {**raw, "_epoch": tf.constant(0, tf.int64)}))
     errors = errors_before_progress(probe.enumerate().take(_PROBE_RECORDS).map(process))
     if errors:
         raise ValueError(f"pp_train failed on each of the first {len(errors)} records of "
@@ -189,6 +191,7 @@ def build_eval_dataset(input_config: Any, *, split: str = "holdout", batch_size:
     process = _record_processor(cfg.pp_eval, "pp_eval", _exclusion(cfg), cfg.strict)
     no_positive = damage.code("no_positive_label")
 
+    @as_written
     def to_eval(ex: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         return {"image": ex["image"], "labels": ex["labels"],
                 "_mask": tf.equal(ex["_reason"], 0)}
@@ -198,10 +201,10 @@ def build_eval_dataset(input_config: Any, *, split: str = "holdout", batch_size:
     ds = ds.map(process, num_parallel_calls=cfg.num_parallel_calls, deterministic=True)
     if not cfg.strict:
         ds = ds.ignore_errors()
-    ds = ds.filter(lambda ex: tf.logical_or(tf.equal(ex["_reason"], 0),
-                                            tf.equal(ex["_reason"], no_positive)))
+    ds = ds.filter(as_written(lambda ex: tf.logical_or(tf.equal(ex["_reason"], 0),
+                                                       tf.equal(ex["_reason"], no_positive))))
     ds = ds.map(to_eval)
-    ds = ds.batch(batch_size).map(lambda b: pad_batch(b, batch_size))
+    ds = ds.batch(batch_size).map(as_written(lambda b: pad_batch(b, batch_size)))
     empty = tf.nest.map_structure(lambda s: tf.zeros(s.shape, s.dtype), ds.element_spec)
     ds = ds.concatenate(tf.data.Dataset.from_tensors(empty).repeat()).take(num_batches)
     return ds.prefetch(cfg.prefetch).with_options(dataset_options(cfg.ram_budget_gb))
@@ -241,13 +244,15 @@ def _epoch_reader(mine: list[sources.FileSlice], base_seed: tf.Tensor, cfg: Inpu
     file_seed = tf.random.experimental.stateless_fold_in(base_seed, _FILE_ORDER_STREAM)
     shuffle_seed = tf.random.experimental.stateless_fold_in(base_seed, _SHUFFLE_STREAM)
 
+    @as_written
     def epoch_records(epoch: tf.Tensor) -> tf.data.Dataset:
         order = tf.random.experimental.stateless_shuffle(
             tf.range(len(mine)), tf.random.experimental.stateless_fold_in(file_seed, epoch))
         files = tf.data.Dataset.from_tensor_slices((tf.gather(paths, order),
                                                     tf.gather(starts, order)))
         records = files.interleave(
-            lambda path, start: sources.read_file_records(path, {"_epoch": epoch}).skip(start),
+            as_written(lambda path, start: sources.read_file_records(path, {"_epoch": epoch})
+                       .skip(start)),
             cycle_length=min(cfg.cycle_length, len(mine)), block_length=1,
             num_parallel_calls=cfg.num_parallel_calls, deterministic=True)
         epoch_shuffle_seed = tf.random.stateless_uniform(
@@ -293,7 +298,7 @@ def _raw_train_stream(cfg: InputConfig, seed: int, mine: list[sources.FileSlice]
     if start_position < prelude_length:
         prelude = _prelude(cfg, seed, layout.preludes[process_index])
         if mark_prelude:
-            prelude = prelude.map(lambda raw: {**raw, "_epoch": tf.constant(-1, tf.int64)})
+            prelude = prelude.map(as_written(lambda raw: {**raw, "_epoch": tf.constant(-1, tf.int64)}))
         ds = prelude.concatenate(tf.data.Dataset.range(layout.base_epoch, _INT64_MAX)
                                  .flat_map(epoch_records))
         return ds.enumerate().skip(start_position), -1
@@ -333,7 +338,7 @@ def _exclusion(cfg: InputConfig) -> Callable[[dict[str, tf.Tensor]], tf.Tensor] 
     table = tf.lookup.StaticHashTable(
         tf.lookup.KeyValueTensorInitializer(tf.constant(values, tf.string),
                                             tf.ones([len(values)], tf.int64)), default_value=0)
-    return lambda features: tf.equal(table.lookup(features[field]), 1)
+    return as_written(lambda features: tf.equal(table.lookup(features[field]), 1))
 
 
 def _record_processor(pp: str, pp_name: str,

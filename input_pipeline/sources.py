@@ -137,6 +137,7 @@ def parse_example(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
     return features
 
 
+@tf.autograph.experimental.do_not_convert  # TF ops only: traced as written, no conversion
 def read_file_records(path: tf.Tensor, constants: dict[str, tf.Tensor] | None = None
                       ) -> tf.data.Dataset:
     """Records of one TFRecord file as {_path, _record, _damaged, _serialized}, damage included.
@@ -179,6 +180,7 @@ def _file_size(path: tf.Tensor) -> int:
     return tf.io.gfile.stat(path.numpy().decode()).length
 
 
+@tf.autograph.experimental.do_not_convert
 def read_slice(path: tf.Tensor, start: tf.Tensor, take: tf.Tensor) -> tf.data.Dataset:
     """read_file_records of records [start, start + take) (take -1 = to the end)."""
     return read_file_records(path).skip(start).take(take)
