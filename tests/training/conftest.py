@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, SHARED
+from tests.conftest import REPO, SHARED, TEST_XLA_FLAGS
 
 SHARDS = str(SHARED / "fixtures" / "coyo_shards" / "shards" / "*.tfrecord")
 TINY_STEPS = 12  # tests/tiny_config.py's total_steps
@@ -19,7 +19,7 @@ def process_env(devices: int | None = None) -> dict[str, str]:
     """The environment of a launched run; `devices` host CPU devices per process if given."""
     env = dict(os.environ, PYTHONPATH=str(REPO))
     if devices:
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices} {TEST_XLA_FLAGS}"
     return env
 
 

@@ -12,6 +12,7 @@ from coyo_vit.models import Model
 from coyo_vit.training import optimizer, sharding
 from coyo_vit.training.evaluators.holdout import make_eval_step
 from coyo_vit.training.step import (
+    compiler_options_for_platform,
     get_loss,
     init_state,
     make_train_step,
@@ -193,7 +194,8 @@ def test_cpu_compile_options_keep_results_bitwise():
         step = make_train_step(model, tx, get_loss("sigmoid_xent"), shardings,
                                sharding.batch_sharding(mesh), schedule)
         results = []
-        for options in (None, {"xla_backend_optimization_level": 2}):
+        # Named explicitly: the suite's own XLA_FLAGS (tests/conftest.py) would leave ours out.
+        for options in (compiler_options_for_platform("cpu", ""), {"xla_backend_optimization_level": 2}):
             state = init_state(model, tx, (16, 16, 3), 0, shardings)
             with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
                 batches = [{k: jax.device_put(v, sharding.batch_sharding(mesh))
