@@ -50,15 +50,13 @@ def loop_config(args: argparse.Namespace, data_dir: str) -> ml_collections.Confi
     if args.variant:  # a real ViT size in place of the demo's 4-block model
         config.model.update(variant=args.variant, patch_size=None, width=None, depth=None,
                             mlp_dim=None, num_heads=None)
-    if args.image_size != config.image_size:
-        old_size = f"decode_jpeg_and_inception_crop({config.image_size},"
-        if old_size not in config.input.pp_train:
-            raise ValueError(f"cannot set --image_size: unexpected demo pp_train {config.input.pp_train!r}")
-        config.input.pp_train = config.input.pp_train.replace(
-            old_size, f"decode_jpeg_and_inception_crop({args.image_size},")
-        config.input.pp_eval = config.input.pp_eval.replace(f"resize({config.image_size})",
-                                                            f"resize({args.image_size})")
-        config.image_size = args.image_size
+    # The recipe's kind of training input (a crop decoded from the JPEG, flipped), whatever the
+    # demo itself trains on, so the measured loop feeds what a COYO run feeds.
+    labels = config.input.pp_eval.rsplit("|", 1)[1]
+    config.input.pp_train = (f"decode_jpeg_and_inception_crop({args.image_size}, area_min=50)|"
+                             f"flip_lr|{labels}")
+    config.input.pp_eval = f"decode|resize({args.image_size})|{labels}"
+    config.image_size = args.image_size
     # Short smoke runs: the demo's warmup must stay shorter than the run (no effect on speed).
     config.schedule.warmup_steps = min(config.schedule.warmup_steps, args.steps - 1)
     return config

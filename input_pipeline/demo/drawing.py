@@ -1,9 +1,11 @@
 """The demo dataset's content: drawn concepts, each a real ImageNet-21k class, and COYO-like labels.
 
-Pure numpy (no TensorFlow): `draw_images` renders 1-3 concepts on a noisy background and
-`draw_labels` gives each image 50 labels, its concepts first (probabilities 0.3-0.9) then random
-filler classes below 0.05, descending like real COYO-Labeled-300M rows. input_pipeline.demo.shards
-writes them as img2dataset shards.
+Pure numpy (no TensorFlow): `draw_images` renders 1-2 concepts (strokes and outlines: a line, an
+arc, an S, a hook, ...) in a random colour on a background of the opposite lightness, coarsened
+to a grid of 8x8 (one concept) or 16x16 cells the way scanned handwriting is reduced to 8x8 ink
+counts; `draw_labels` gives each image 50 labels, its concepts first (probabilities 0.3-0.9) then
+random filler classes below 0.05, descending like real COYO-Labeled-300M rows.
+input_pipeline.demo.shards writes them as img2dataset shards.
 """
 from __future__ import annotations
 
@@ -28,41 +30,103 @@ class DemoConcept:
     wnid: str
     name: str
     drawing: str
-    rgb: tuple[int, int, int]
+    spin: float  # largest random rotation, in degrees, either way
 
 
-# Distinct in colour AND shape so a tiny ViT can tell them apart after a crop to 32 px.
+# Told apart by form alone: every concept is drawn in a random colour, so a model must learn
+# strokes, corners and curves -- the parts of digits and letters, which is what lets the demo
+# pretraining help the fine-tuning demo on handwritten digits.
 DEMO_CONCEPTS: tuple[DemoConcept, ...] = (
-    DemoConcept(21666, "n13873502", "circle", "red filled circle", (230, 30, 30)),
-    DemoConcept(21677, "n13879049", "quadrate", "blue filled square", (30, 70, 240)),
-    DemoConcept(21678, "n13879320", "triangle, trigon, trilateral", "green triangle", (30, 190, 50)),
-    DemoConcept(21686, "n13881644", "star", "yellow five-pointed star", (250, 225, 30)),
-    DemoConcept(21670, "n13875392", "ring, halo, annulus, doughnut, anchor ring", "magenta ring",
-                (225, 40, 225)),
-    DemoConcept(6057, "n03135532", "cross", "cyan plus-shaped cross", (30, 225, 225)),
-    DemoConcept(21693, "n13882961", "rhombus, rhomb, diamond", "orange diamond", (250, 135, 15)),
-    DemoConcept(21684, "n13880994", "parallel", "white horizontal stripes", (250, 250, 250)),
-    DemoConcept(21711, "n13896217", "crescent", "black crescent", (10, 10, 10)),
+    DemoConcept(21666, "n13873502", "circle", "filled disc", 0.0),
+    DemoConcept(21670, "n13875392", "ring, halo, annulus, doughnut, anchor ring", "circle outline",
+                0.0),
+    DemoConcept(21642, "n13863771", "line", "straight stroke", 90.0),
+    DemoConcept(21710, "n13896100", "bow, arc", "half-circle stroke", 180.0),
+    DemoConcept(6057, "n03135532", "cross", "plus-shaped cross of two strokes", 15.0),
+    DemoConcept(21678, "n13879320", "triangle, trigon, trilateral", "triangle outline", 15.0),
+    DemoConcept(21677, "n13879049", "quadrate", "square outline", 15.0),
+    DemoConcept(21656, "n13868515", "S-shape", "S-shaped stroke", 15.0),
+    DemoConcept(21657, "n13868944", "wave, undulation", "wavy stroke", 15.0),
+    DemoConcept(21659, "n13869547", "hook, crotchet", "J-shaped hook stroke", 15.0),
 )
 
 # Shape masks in coordinates normalised by the concept's half-size: (u, v) in [-1, 1] spans it,
-# v grows downwards like image rows.
-_Mask = Callable[[np.ndarray, np.ndarray], np.ndarray]
+# v grows downwards like image rows; `w` is the stroke's half-width in the same units.
+_Mask = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
 
-def _circle(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+def _disc(u: np.ndarray, v: np.ndarray, w: np.ndarray) -> np.ndarray:
     return u * u + v * v <= 1.0
 
 
-def _square(u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    return np.maximum(np.abs(u), np.abs(v)) <= 0.85
+def _ring(u: np.ndarray, v: np.ndarray, w: np.ndarray) -> np.ndarray:
+    return np.abs(np.sqrt(u * u + v * v) - 0.85) <= w
 
 
-def _triangle(u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    return (v <= 0.8) & (np.abs(u) <= (v + 0.95) / 1.75)
+def _line(u: np.ndarray, v: np.ndarray, w: np.ndarray) -> np.ndarray:
+    return (np.abs(v) <= w) & (np.abs(u) <= 1.0)
 
 
-def _star(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+def _arc(u: np.ndarray, v: np.ndarray, w: np.ndarray) -> np.ndarray:
+    # The upper half of a circle of radius 0.9 centred 0.35 below the middle.
+    return (np.abs(np.hypot(u, v - 0.35) - 0.9) <= w) & (v <= 0.35)
+
+
+def _cross(u: np.ndarray, v: np.ndarray, w: np.ndarray) -> np.ndarray:
+    au, av = np.abs(u), np.abs(v)
+    return ((au <= w) & (av <= 1.0)) | ((av <= w) & (au <= 1.0))
+
+
+def _triangle(u: np.ndarray, v: np.ndarray, w: np.ndarray) -> np.ndarray:
+    # Signed distances to the three sides (positive inside); the outline is the band within 2w.
+    top, base, half = -0.95, 0.8, 0.95
+    norm = np.hypot(base - top, half)
+    left = ((u + half) * (top - base) + (v - base) * -half) / -norm
+    right = ((half - u) * (top - base) + (v - base) * -half) / -norm
+    inside = np.minimum(np.minimum(left, right), base - v)
+    return (inside >= 0.0) & (inside <= 2.0 * w)
+
+
+def _square(u: np.ndarray, v: np.ndarray, w: np.ndarray) -> np.ndarray:
+    edge = np.maximum(np.abs(u), np.abs(v))
+    return (edge <= 0.85) & (edge >= 0.85 - 2.0 * w)
+
+
+def _s_shape(u: np.ndarray, v: np.ndarray, w: np.ndarray) -> np.ndarray:
+    # Two circles of radius 0.45 stacked; the upper one open at its lower right, the lower one
+    # at its upper left.
+    upper = (np.abs(np.hypot(u, v + 0.47) - 0.47) <= w) & ~((u > 0.0) & (v > -0.47))
+    lower = (np.abs(np.hypot(u, v - 0.47) - 0.47) <= w) & ~((u < 0.0) & (v < 0.47))
+    return upper | lower
+
+
+def _wave(u: np.ndarray, v: np.ndarray, w: np.ndarray) -> np.ndarray:
+    # One and a half periods of a sine; the vertical tolerance widens with the slope so the
+    # stroke keeps its width.
+    k = 1.5 * np.pi
+    slope = 0.45 * k * np.cos(k * u)
+    return (np.abs(v - 0.45 * np.sin(k * u)) <= w * np.sqrt(1.0 + slope * slope)) & (np.abs(u) <= 1.0)
+
+
+def _hook(u: np.ndarray, v: np.ndarray, w: np.ndarray) -> np.ndarray:
+    # A J: a vertical stroke on the right that turns left into the lower half of a circle.
+    stem = (np.abs(u - 0.45) <= w) & (v >= -1.0) & (v <= 0.4)
+    bend = (np.abs(np.hypot(u, v - 0.4) - 0.45) <= w) & (v >= 0.4)
+    return stem | bend
+
+
+def _spiral(u: np.ndarray, v: np.ndarray, w: np.ndarray) -> np.ndarray:
+    # An Archimedean spiral r = b * theta over 1.75 turns out to radius 1.
+    turns = 1.75
+    b = 1.0 / (2.0 * np.pi * turns)
+    r = np.hypot(u, v)
+    phase = np.arctan2(v, u) % (2.0 * np.pi)
+    k = np.clip(np.rint((r / b - phase) / (2.0 * np.pi)), 0, None)
+    theta = phase + 2.0 * np.pi * k
+    return (np.abs(r - b * theta) <= w) & (theta <= 2.0 * np.pi * turns + w / b)
+
+
+def _star(u: np.ndarray, v: np.ndarray, w: np.ndarray) -> np.ndarray:
     # Radius that falls linearly from 1 at each of the 5 tips (first tip up) to 0.42 between.
     angle = np.arctan2(u, -v)
     phase = (angle * (5.0 / (2.0 * np.pi))) % 1.0
@@ -70,33 +134,14 @@ def _star(u: np.ndarray, v: np.ndarray) -> np.ndarray:
     return np.sqrt(u * u + v * v) <= 1.0 - 0.58 * dist_from_tip
 
 
-def _ring(u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    r2 = u * u + v * v
-    return (r2 <= 1.0) & (r2 >= 0.55**2)
-
-
-def _cross(u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    au, av = np.abs(u), np.abs(v)
-    return ((au <= 0.3) & (av <= 1.0)) | ((av <= 0.3) & (au <= 1.0))
-
-
-def _rhombus(u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    return np.abs(u) + np.abs(v) <= 1.0
-
-
-def _stripes(u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    # Five horizontal bands over the box; bands 0, 2, 4 are painted, 1 and 3 show the background.
-    inside = np.maximum(np.abs(u), np.abs(v)) <= 0.9
-    band = np.floor((v + 0.9) / 0.36)
-    return inside & (band % 2 == 0)
-
-
-def _crescent(u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    return (u * u + v * v <= 1.0) & ((u - 0.45) ** 2 + v * v > 0.8**2)
-
-
-_MASKS: tuple[_Mask, ...] = (_circle, _square, _triangle, _star, _ring, _cross, _rhombus,
-                             _stripes, _crescent)
+_MASKS: tuple[_Mask, ...] = (_disc, _ring, _line, _arc, _cross, _triangle, _square, _s_shape,
+                             _wave, _hook)
+# Stroke half-width in pixels of a 64px image, scaled with the image.
+_STROKE_HALF_WIDTH = (3.0, 6.0)
+# Concepts are drawn at full size, then averaged over a coarse grid of cells and enlarged back:
+# a lone concept on 8x8 cells (like scanned handwriting reduced to 8x8, ink counted per cell),
+# a pair on 16x16.
+_LONE_GRID, _PAIR_GRID = 8, 16
 
 
 # --------------------------------------------------------------------------- drawing
@@ -106,48 +151,67 @@ def draw_images(rng: np.random.Generator, concept_ids: np.ndarray, num_concepts:
                  size: int) -> np.ndarray:
     """Draws a batch of uint8 images (n, size, size, 3) holding the given concepts.
 
-    Several concepts go into distinct quadrants so none hides another; a lone concept may be
-    larger and anywhere.
+    A pair goes into the two halves of the image so neither hides the other; a lone concept is
+    larger. Background and ink are random colours of opposite lightness (light on dark or dark on
+    light), so only the form tells a concept.
     """
     n = len(concept_ids)
     coords = np.arange(size, dtype=np.float32) + 0.5
-    # Background: grey level 90-160 with a faint tint and a soft linear gradient.
-    grey = rng.uniform(90.0, 160.0, (n, 1, 1, 1))
+    # Background: a random level with a faint tint and a soft linear gradient.
+    level = rng.uniform(0.0, 100.0, (n, 1, 1, 1))
     tint = rng.uniform(-15.0, 15.0, (n, 1, 1, 3))
     direction = rng.uniform(0.0, 2.0 * np.pi, n)
     strength = rng.uniform(0.0, 25.0, n)
     centred = coords / size - 0.5
     ramp = (np.cos(direction)[:, None, None] * centred[None, None, :]
             + np.sin(direction)[:, None, None] * centred[None, :, None])
-    images = (grey + tint + (strength[:, None, None] * ramp)[..., None]).astype(np.float32)
+    images = (level + tint + (strength[:, None, None] * ramp)[..., None]).astype(np.float32)
     images = np.broadcast_to(images, (n, size, size, 3)).copy()
 
-    quadrants = np.argsort(rng.random((n, 4)), axis=1)
+    # Ink: channels in [150, 255] on a dark background, [0, 105] on a light one.
+    ink = rng.uniform(150.0, 255.0, (n, 3))
+    coverage = np.zeros((n, size, size), np.float32)
+    # A pair goes into the two halves of the image, side by side or one above the other.
+    vertical = rng.random(n) < 0.5
+    first_half = rng.random(n) < 0.5
     lone = num_concepts == 1
     for slot in range(concept_ids.shape[1]):
-        # Cell the concept must fit in: the whole image when alone, else a quadrant.
-        quad = quadrants[:, slot]
-        cell_half = np.where(lone, size / 2.0, size / 4.0)
-        cell_x = np.where(lone, size / 2.0, (quad % 2) * (size / 2.0) + size / 4.0)
-        cell_y = np.where(lone, size / 2.0, (quad // 2) * (size / 2.0) + size / 4.0)
-        r_low = np.where(lone, 0.15, 0.13) * size
-        r_high = np.where(lone, 0.32, 0.24) * size
+        # Cell the concept must fit in: the whole image when alone, else one half.
+        in_first = first_half == (slot == 0)
+        offset = np.where(in_first, size / 4.0, 3.0 * size / 4.0)
+        cell_x = np.where(lone | vertical, size / 2.0, offset)
+        cell_y = np.where(lone | ~vertical, size / 2.0, offset)
+        half_w = np.where(lone | vertical, size / 2.0, size / 4.0)
+        half_h = np.where(lone | ~vertical, size / 2.0, size / 4.0)
+        r_low = np.where(lone, 0.32, 0.17) * size
+        r_high = np.where(lone, 0.48, 0.23) * size
         radius = rng.uniform(r_low, r_high)
-        cx = cell_x + rng.uniform(-1.0, 1.0, n) * (cell_half - radius)
-        cy = cell_y + rng.uniform(-1.0, 1.0, n) * (cell_half - radius)
-        jitter = rng.uniform(-20.0, 20.0, (n, 3))
+        cx = cell_x + rng.uniform(-1.0, 1.0, n) * np.maximum(half_w - radius, 0.0)
+        cy = cell_y + rng.uniform(-1.0, 1.0, n) * np.maximum(half_h - radius, 0.0)
+        half_width = rng.uniform(*_STROKE_HALF_WIDTH, n) * (size / 64.0) / radius
+        spin = rng.uniform(-1.0, 1.0, n)
         active = slot < num_concepts
         for cid, mask_fn in enumerate(_MASKS):
             idx = np.flatnonzero(active & (concept_ids[:, slot] == cid))
             if idx.size == 0:
                 continue
             r = radius[idx, None, None]
-            u = (coords[None, None, :] - cx[idx, None, None]) / r
-            v = (coords[None, :, None] - cy[idx, None, None]) / r
-            mask = mask_fn(np.broadcast_to(u, (idx.size, size, size)),
-                           np.broadcast_to(v, (idx.size, size, size)))
-            colour = np.asarray(DEMO_CONCEPTS[cid].rgb, np.float32) + jitter[idx]
-            images[idx] = np.where(mask[..., None], colour[:, None, None, :], images[idx])
+            x = (coords[None, None, :] - cx[idx, None, None]) / r
+            y = (coords[None, :, None] - cy[idx, None, None]) / r
+            angle = np.deg2rad(DEMO_CONCEPTS[cid].spin * spin[idx])[:, None, None]
+            cos, sin = np.cos(angle), np.sin(angle)
+            u, v = cos * x + sin * y, cos * y - sin * x
+            mask = mask_fn(u, v, half_width[idx, None, None])
+            coverage[idx] = np.maximum(coverage[idx], mask)
+
+    for grid in (_LONE_GRID, _PAIR_GRID):
+        idx = np.flatnonzero(np.where(lone, _LONE_GRID, _PAIR_GRID) == grid)
+        cell = np.minimum(np.arange(size) * grid // size, grid - 1)
+        member = (cell[None, :] == np.arange(grid)[:, None]).astype(np.float32)  # (grid, size)
+        average = member / member.sum(axis=1, keepdims=True)
+        cells = np.einsum("gi,nij,hj->ngh", average, coverage[idx], average)
+        coverage[idx] = np.einsum("gi,ngh,hj->nij", member, cells, member)
+    images = images * (1.0 - coverage[..., None]) + ink[:, None, None, :] * coverage[..., None]
 
     images += rng.normal(0.0, 6.0, images.shape).astype(np.float32)
     return np.clip(np.rint(images), 0, 255).astype(np.uint8)

@@ -7,8 +7,9 @@ writes them in exactly the on-disk layout that img2dataset produces for COYO-Lab
 demo needs no pyarrow). The pipeline therefore reads demo shards through the same code path as
 real ones.
 
-Content. Every image is a mildly noisy, low-saturation background with 1-3 of the
-`DEMO_CONCEPTS` drawn on it (a red circle, a blue square, a green triangle, ...). Each concept is
+Content. Every image is a mildly noisy background with one (70%) or two of the `DEMO_CONCEPTS`
+drawn on it (a line, an arc, an S-shape, a hook, a ring, ...) in a random colour of the opposite
+lightness, coarsened to 8x8 (one) or 16x16 (two) cells; only the form tells a concept. Each is
 a real ImageNet-21k class, so the labels live in the COYO label space. A record's 50 labels are
 its concepts first (probabilities 0.3-0.9) and then random other classes ("filler") with
 probabilities below 0.05, descending overall like real COYO rows: a threshold of 0.1 keeps
@@ -52,7 +53,7 @@ from input_pipeline.demo.drawing import DEMO_CONCEPTS, draw_images, draw_labels
 
 MANIFEST_NAME = "demo_manifest.json"
 # Bump whenever the drawn content or the record layout changes, so old directories regenerate.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 DAMAGE_EVERY = 500
 JPEG_QUALITY = 90
 
@@ -153,8 +154,8 @@ def _shard_records(params: _Params, shard: int, damaged: dict[int, int]) -> list
     """Draws and serialises one shard; `damaged` maps global image index -> damage kind."""
     count = params.shard_count(shard)
     rng = np.random.default_rng(np.random.SeedSequence(params.seed, spawn_key=(0, shard)))
-    num_concepts = rng.integers(1, 4, count)
-    concept_ids = np.argsort(rng.random((count, len(DEMO_CONCEPTS))), axis=1)[:, :3]
+    num_concepts = np.where(rng.random(count) < 0.7, 1, 2)
+    concept_ids = np.argsort(rng.random((count, len(DEMO_CONCEPTS))), axis=1)[:, :2]
     images = draw_images(rng, concept_ids, num_concepts, params.image_size)
     labels, probs = draw_labels(rng, concept_ids, num_concepts)
     records = []

@@ -25,6 +25,7 @@ CLASSES_TSV = SHARED / "data" / "imagenet21k_classes.tsv"
 NUM_IMAGES = 1000
 PER_SHARD = 256
 CONCEPT_INDICES = {c.index for c in demo_drawing.DEMO_CONCEPTS}
+FORM_ACCURACY = 0.7  # measured 0.807 (ink and background colours: 0.202; shuffled: 0.108)
 
 
 def _features(record: bytes) -> dict[str, tf.train.Feature]:
@@ -132,7 +133,7 @@ def test_labels_and_probabilities_like_coyo_rows(records):
         assert all(0 <= label < demo_drawing.NUM_CLASSES for label in labels)
         assert np.all(np.diff(probs) <= 0), probs
         kept = [label for label, p in zip(labels, probs) if p >= 0.1]
-        assert 1 <= len(kept) <= 3
+        assert 1 <= len(kept) <= 2
         assert set(kept) <= CONCEPT_INDICES
         assert set(labels[len(kept):]).isdisjoint(CONCEPT_INDICES)
         assert np.all((probs[:len(kept)] >= 0.3) & (probs[:len(kept)] <= 0.9))
@@ -145,8 +146,8 @@ def test_concepts_are_balanced(records):
         for label, p in zip(_value(rec["labels"]), _value(rec["label_probs"])):
             if p >= 0.1:
                 counts[label] += 1
-    # 1000 images x 2 concepts on average / 9 concepts = ~222 each.
-    assert min(counts.values()) > 150, counts
+    # 1000 images x 1.3 concepts on average / 10 concepts = ~130 each.
+    assert min(counts.values()) > 90, counts
 
 
 def test_concepts_are_real_imagenet21k_classes():
@@ -157,7 +158,7 @@ def test_concepts_are_real_imagenet21k_classes():
     assert 8 <= len(concepts) <= 10
     for c in concepts:
         assert by_index[c.index] == (c.wnid, c.name), c
-    assert len({c.index for c in concepts}) == len({c.rgb for c in concepts}) == len(concepts)
+    assert len({c.index for c in concepts}) == len({c.drawing for c in concepts}) == len(concepts)
 
 
 def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path, small, caplog):
@@ -241,44 +242,54 @@ def test_damaged_records_at_the_documented_rate(demo, records):
         assert _value(rec["status"]) == [b"success"]
 
 
-def _colour_histograms(records) -> tuple[np.ndarray, np.ndarray]:
-    """(4x4x4 RGB histogram per decodable image, concept presence at threshold 0.1)."""
+def _lone_concepts(records) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ink per 8x8 cell, ink and background RGB, concept column) of each decodable one-concept
+    image.
+
+    Ink is the distance of a cell's grey level from the image's median (its background), scaled
+    to the image's largest: the same for light-on-dark and dark-on-light and for every colour."""
     column = {c.index: i for i, c in enumerate(demo_drawing.DEMO_CONCEPTS)}
-    features, targets = [], []
+    cells, colours, targets = [], [], []
     for rec in records:
+        kept = [column[label] for label, p in zip(_value(rec["labels"]), _value(rec["label_probs"]))
+                if p >= 0.1]
         image = _decodes(_value(rec["jpg"])[0])
-        if image is None:
+        if image is None or len(kept) != 1:
             continue
         assert image.shape == (64, 64, 3)
-        q = (image // 64).reshape(-1, 3).astype(np.int64)
-        features.append(np.bincount(q[:, 0] * 16 + q[:, 1] * 4 + q[:, 2], minlength=64))
-        present = np.zeros(len(column), bool)
-        for label, p in zip(_value(rec["labels"]), _value(rec["label_probs"])):
-            if p >= 0.1:
-                present[column[label]] = True
-        targets.append(present)
-    return np.array(features, np.float64) / (64 * 64), np.array(targets)
+        grey = image.astype(np.float64).mean(axis=2)
+        ink = np.abs(grey - np.median(grey)).reshape(8, 8, 8, 8).mean(axis=(1, 3))
+        cells.append((ink / ink.max()).ravel())
+        pixels = image.reshape(-1, 3).astype(np.float64)
+        inkiest = pixels[np.argsort(np.abs(grey.ravel() - np.median(grey)))[-100:]]
+        colours.append(np.concatenate([inkiest.mean(0), np.median(pixels, axis=0)]))
+        targets.append(kept[0])
+    return np.array(cells), np.array(colours), np.array(targets)
 
 
-def _nearest_centroid_balanced_accuracy(x: np.ndarray, y: np.ndarray) -> float:
-    """Trains on the first half, scores the second; 0.5 is chance."""
+def _held_out_accuracy(x: np.ndarray, y: np.ndarray) -> float:
+    """A logistic regression trained on the first half, scored on the second."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
     half = len(x) // 2
-    mean, std = x[:half].mean(0), x[:half].std(0) + 1e-6
-    z = (x - mean) / std
-    pos, neg = z[:half][y[:half]].mean(0), z[:half][~y[:half]].mean(0)
-    pred = ((z[half:] - pos) ** 2).sum(1) < ((z[half:] - neg) ** 2).sum(1)
-    truth = y[half:]
-    return 0.5 * (pred[truth].mean() + (~pred[~truth]).mean())
+    scale = StandardScaler().fit(x[:half])
+    classifier = LogisticRegression(max_iter=2000).fit(scale.transform(x[:half]), y[:half])
+    return float(classifier.score(scale.transform(x[half:]), y[half:]))
 
 
-def test_concepts_are_in_the_pixels(records):
-    x, y = _colour_histograms(records)
-    for i, concept in enumerate(demo_drawing.DEMO_CONCEPTS):
-        score = _nearest_centroid_balanced_accuracy(x, y[:, i])
-        assert score > 0.85, (concept.drawing, score)
-    # The same classifier is at chance when the labels do not belong to the pixels.
-    shuffled = np.random.default_rng(0).permutation(y)
-    assert _nearest_centroid_balanced_accuracy(x, shuffled[:, 0]) < 0.65
+def test_concepts_are_in_the_form_not_the_colour(records):
+    cells, colours, concept = _lone_concepts(records)
+    chance = 1 / len(demo_drawing.DEMO_CONCEPTS)
+    assert len(concept) > 500 and set(concept) == set(range(len(demo_drawing.DEMO_CONCEPTS)))
+    # The ink's layout tells the concept, with a linear model on 64 cells...
+    assert _held_out_accuracy(cells, concept) > FORM_ACCURACY
+    # ...but not once the labels are shuffled, and colours tell nothing: what a model learns
+    # from this data is form, which is what carries over to the fine-tuning demo's digits.
+    shuffled = np.random.default_rng(0).permutation(concept)
+    assert _held_out_accuracy(cells, shuffled) < chance + 0.08
+    # (Colours say a little through blending: thin strokes leave few cells of pure ink.)
+    assert _held_out_accuracy(colours, concept) < chance + 0.2
 
 
 @pytest.mark.parametrize("kwargs, message", [
