@@ -1,7 +1,7 @@
 """The demo dataset's content: drawn concepts, each a real ImageNet-21k class, and COYO-like labels.
 
 Pure numpy (no TensorFlow): `draw_images` renders 1-2 concepts (strokes and outlines: a line, an
-arc, an S, a hook, ...) in a random colour on a background of the opposite lightness, coarsened
+arc, an S, a hook, ...) in a random light colour on a random dark background, coarsened
 to a grid of 8x8 (one concept) or 16x16 cells the way scanned handwriting is reduced to 8x8 ink
 counts; `draw_labels` gives each image 50 labels, its concepts first (probabilities 0.3-0.9) then
 random filler classes below 0.05, descending like real COYO-Labeled-300M rows.
@@ -152,8 +152,8 @@ def draw_images(rng: np.random.Generator, concept_ids: np.ndarray, num_concepts:
     """Draws a batch of uint8 images (n, size, size, 3) holding the given concepts.
 
     A pair goes into the two halves of the image so neither hides the other; a lone concept is
-    larger. Background and ink are random colours of opposite lightness (light on dark or dark on
-    light), so only the form tells a concept.
+    larger. Ink and background are random colours, light on dark (one polarity, like the digits:
+    a ViT's linear patch embedding cannot ignore which is which), so only the form tells a concept.
     """
     n = len(concept_ids)
     coords = np.arange(size, dtype=np.float32) + 0.5
@@ -168,7 +168,7 @@ def draw_images(rng: np.random.Generator, concept_ids: np.ndarray, num_concepts:
     images = (level + tint + (strength[:, None, None] * ramp)[..., None]).astype(np.float32)
     images = np.broadcast_to(images, (n, size, size, 3)).copy()
 
-    # Ink: channels in [150, 255] on a dark background, [0, 105] on a light one.
+    # Ink: channels in [150, 255], lighter than any background (a level of 0-100, a faint tint).
     ink = rng.uniform(150.0, 255.0, (n, 3))
     coverage = np.zeros((n, size, size), np.float32)
     # A pair goes into the two halves of the image, side by side or one above the other.
