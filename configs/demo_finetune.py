@@ -21,9 +21,9 @@ current features). The same recipe from scratch (no `config.init`):
 
 Measured (val/top1 at steps 250/500/750/1000/1250/1500, fewshot off, from the default 2,400-step
 checkpoint of configs/demo.py, holdout prec@1 0.79), on 2 CPU cores (docs/experiments.md has the
-table, the scratch runs' provenance and the pretraining variants tried):
+table and the pretraining variants tried):
   from the demo pretraining: 0.783 / 0.911 / 0.967 / 0.969 / 0.969 / 0.978 (2m31s wall)
-  from scratch:              0.628 / 0.847 / 0.931 / 0.947 / 0.958 / 0.964
+  from scratch:              0.628 / 0.847 / 0.931 / 0.947 / 0.958 / 0.964 (1m31s wall)
 With `--config.seed=1`: 0.767 / 0.908 / 0.950 / 0.958 / 0.964 / 0.964 from the pretraining,
 0.619 / 0.797 / 0.917 / 0.950 / 0.958 / 0.967 from scratch. The pretraining is ahead at every
 evaluation up to step 1,000 in both seeds and ends ahead with seed 0, level with seed 1.
