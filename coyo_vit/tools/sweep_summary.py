@@ -9,15 +9,15 @@ sorted metric.
 from __future__ import annotations
 
 import csv
-import functools
 import io
 import json
 import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import Any
+
+from coyo_vit import file_access
 
 METRICS_FILE = "metrics.jsonl"
 # checkpoints.orbax_io's layout (WORKDIR/checkpoints/<step>/{state,meta}), spelled out here so the
@@ -46,26 +46,13 @@ class PointResult:
         return f"stopped at {self.checkpoint_step}/{self.total_steps}"
 
 
-def _file_system(path: str) -> SimpleNamespace:
-    """isdir, listdir, exists and open for `path`: the os module's for local paths, which keeps
-    TensorFlow's start-up out of `sweep --help`, expansion and local points; tf.io.gfile's for
-    URLs (gs://, TensorFlow's other file systems)."""
-    if "://" not in path:
-        return SimpleNamespace(isdir=os.path.isdir, listdir=os.listdir, exists=os.path.exists,
-                               open=functools.partial(open, encoding="utf-8"))
-    import tensorflow as tf  # late: only URLs need TensorFlow's file systems
-    gfile = tf.io.gfile
-    return SimpleNamespace(isdir=gfile.isdir, listdir=gfile.listdir, exists=gfile.exists,
-                           open=gfile.GFile)
-
-
 def latest_checkpoint_step(workdir: str) -> int | None:
     """The newest complete checkpoint step of a train.py workdir (orbax layout), or None.
 
     Complete = a `<step>/` directory holding both items; orbax writes a step under a temporary
     name and renames it when done, so a half-written step is never counted.
     """
-    fs = _file_system(workdir)
+    fs = file_access.for_path(workdir)
     directory = os.path.join(workdir, CHECKPOINT_SUBDIR)
     if not fs.isdir(directory):
         return None
@@ -78,11 +65,11 @@ def latest_checkpoint_step(workdir: str) -> int | None:
 
 def read_metrics(path: str) -> list[dict[str, Any]]:
     """The records of a metrics.jsonl; a half-written last line (a killed run) is ignored."""
-    fs = _file_system(path)
+    fs = file_access.for_path(path)
     if not fs.exists(path):
         return []
     records = []
-    with fs.open(path, "r") as f:
+    with fs.open(path) as f:
         lines = f.read().splitlines()
     for number, line in enumerate(lines, 1):
         if not line.strip():

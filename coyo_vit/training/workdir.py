@@ -19,6 +19,7 @@ from typing import Any
 
 import ml_collections
 
+from coyo_vit import file_access
 from coyo_vit.class_names import CLASS_NAMES_FILE, format_class_names, parse_class_names, readable_names
 from coyo_vit.config_keys import ConfigError
 
@@ -69,9 +70,10 @@ def check_resume(workdir: str, config: ml_collections.ConfigDict) -> dict[str, t
     resume; raises ValueError naming every key a resume may not change; returns the (allowed)
     differences. A workdir without config.json has nothing to compare: {}."""
     path = os.path.join(workdir, CONFIG_FILE)
-    if not (os.path.exists(path) if "://" not in path else _gfile().exists(path)):
+    fs = file_access.for_path(path)  # no TensorFlow import for a local workdir
+    if not fs.exists(path):
         return {}
-    with _open_for_reading(path) as f:
+    with fs.open(path) as f:
         saved = json.load(f)
     changed = differences(saved, as_json(config))
     refused = {key: values for key, values in changed.items() if not is_safe(key)}
@@ -142,10 +144,10 @@ def saved_config_file(workdir: str, step: int) -> str | None:
     """The config `workdir`'s run had in force at checkpoint `step`: the config.<k>.json of the
     latest resume from a step k <= `step` (a resume from k restores checkpoint k under it), else
     config.json; None when the workdir holds neither."""
-    local = "://" not in workdir  # os for local workdirs: no TensorFlow import just to list them
-    if not (os.path.isdir(workdir) if local else _gfile().isdir(workdir)):
+    fs = file_access.for_path(workdir)  # no TensorFlow import for a local workdir
+    if not fs.isdir(workdir):
         return None
-    names = set(os.listdir(workdir) if local else _gfile().listdir(workdir))
+    names = set(fs.listdir(workdir))
     resumed = [int(name[len("config."):-len(".json")]) for name in names
                if name.startswith("config.") and name.endswith(".json")
                and name[len("config."):-len(".json")].isdigit()]
@@ -157,13 +159,8 @@ def saved_config_file(workdir: str, step: int) -> str | None:
 
 def read_config(path: str) -> ml_collections.ConfigDict:
     """A saved config.json (or config.<step>.json) as a ConfigDict; its placeholders are None."""
-    with _open_for_reading(path) as f:
+    with file_access.for_path(path).open(path) as f:
         return ml_collections.ConfigDict(json.load(f))
-
-
-def _open_for_reading(path: str):
-    """A text file: open() for local paths (no TensorFlow import just to read one), gfile else."""
-    return open(path, encoding="utf-8") if "://" not in path else _gfile().GFile(path, "r")
 
 
 class _Absent:
