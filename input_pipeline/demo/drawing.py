@@ -115,25 +115,6 @@ def _hook(u: np.ndarray, v: np.ndarray, w: np.ndarray) -> np.ndarray:
     return stem | bend
 
 
-def _spiral(u: np.ndarray, v: np.ndarray, w: np.ndarray) -> np.ndarray:
-    # An Archimedean spiral r = b * theta over 1.75 turns out to radius 1.
-    turns = 1.75
-    b = 1.0 / (2.0 * np.pi * turns)
-    r = np.hypot(u, v)
-    phase = np.arctan2(v, u) % (2.0 * np.pi)
-    k = np.clip(np.rint((r / b - phase) / (2.0 * np.pi)), 0, None)
-    theta = phase + 2.0 * np.pi * k
-    return (np.abs(r - b * theta) <= w) & (theta <= 2.0 * np.pi * turns + w / b)
-
-
-def _star(u: np.ndarray, v: np.ndarray, w: np.ndarray) -> np.ndarray:
-    # Radius that falls linearly from 1 at each of the 5 tips (first tip up) to 0.42 between.
-    angle = np.arctan2(u, -v)
-    phase = (angle * (5.0 / (2.0 * np.pi))) % 1.0
-    dist_from_tip = 2.0 * np.minimum(phase, 1.0 - phase)
-    return np.sqrt(u * u + v * v) <= 1.0 - 0.58 * dist_from_tip
-
-
 _MASKS: tuple[_Mask, ...] = (_disc, _ring, _line, _arc, _cross, _triangle, _square, _s_shape,
                              _wave, _hook)
 # Stroke half-width in pixels of a 64px image, scaled with the image.

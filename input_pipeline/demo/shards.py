@@ -9,8 +9,8 @@ real ones.
 
 Content. Every image is a mildly noisy background with one (70%) or two of the `DEMO_CONCEPTS`
 drawn on it (a line, an arc, an S-shape, a hook, a ring, ...) in a random light colour on a
-dark background, coarsened to 8x8 (one) or 16x16 (two) cells; only the form tells a concept. Each is
-a real ImageNet-21k class, so the labels live in the COYO label space. A record's 50 labels are
+dark background, coarsened to 8x8 (one) or 16x16 (two) cells; only the form tells a concept.
+Each is a real ImageNet-21k class, so the labels live in the COYO label space. A record's 50 labels are
 its concepts first (probabilities 0.3-0.9) and then random other classes ("filler") with
 probabilities below 0.05, descending overall like real COYO rows: a threshold of 0.1 keeps
 exactly the concepts that are drawn.
